@@ -1,0 +1,49 @@
+# Two commands for a new user: `make demo` and `make test`. Both build .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORK    ?= work
+DEMO_DATA ?= $(WORK)/synth
+ARTIFACTS ?= $(WORK)/artifacts
+REPOSITORY ?= model_repository
+# Ports for the demo server; integration tests pick free ports of their own.
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: venv demo test unit lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first, so nothing later pulls the CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,loadtest]"
+	@# perf_analyzer (from tritonclient) needs libb64; install it when we may.
+	@if ! ldconfig -p | grep -q libb64.so.0d; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ) \
+	   || echo "note: libb64-0d not installed; perf_analyzer will not run (apt-get install libb64-0d)"; fi
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/recserve demo --work $(WORK) --repository $(REPOSITORY) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: venv
+	$(BIN)/ruff check recserve tests loadtest
+
+bench: venv
+	$(BIN)/recserve bench int8 --artifacts $(ARTIFACTS)
+
+clean:
+	rm -rf $(WORK) $(VENV)
