@@ -1,0 +1,144 @@
+"""The `recserve` command: one subcommand per pipeline stage.
+
+    recserve data synth|fetch      recserve train      recserve evaluate
+    recserve export onnx|repository                    recserve serve
+    recserve recommend             recserve demo       recserve bench
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from recserve.errors import RecserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Retrieve-then-rank recommendations, from interaction logs to NVIDIA Triton serving.")
+data_app = typer.Typer(no_args_is_help=True, help="Get data: synthesise it or download MovieLens.")
+export_app = typer.Typer(no_args_is_help=True, help="Export trained models: ONNX, then a Triton model repository.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures.")
+app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
+app.add_typer(bench_app, name="bench")
+
+
+def clean_errors(fn):
+    """Expected failures become one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RecserveError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def load_data(data: Path):
+    from recserve.data import load_movielens
+
+    return load_movielens(data)
+
+
+@data_app.command("synth")
+@clean_errors
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Directory to write ML-1M format files into."),
+    users: int = typer.Option(3000, help="Number of users."),
+    items: int = typer.Option(2000, help="Number of items."),
+    interactions: int = typer.Option(150_000, help="Approximate number of interactions."),
+    categories: int = typer.Option(18, help="Number of item categories (genres)."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same data."),
+):
+    """Synthesise interactions with planted user/item structure, in MovieLens-1M format."""
+    from recserve.data import generate, write_ml1m
+
+    raw = generate(users, items, interactions, n_categories=categories, seed=seed)
+    write_ml1m(raw, out)
+    typer.echo(f"wrote {len(raw.ratings)} interactions, {users} users, {items} items to {out}")
+
+
+@data_app.command("fetch")
+@clean_errors
+def data_fetch(
+    name: str = typer.Argument(..., help="ml-100k, ml-1m, ml-25m or ml-latest-small"),
+    cache: Optional[Path] = typer.Option(None, help="Cache directory (default ~/.cache/recserve/datasets)."),
+):
+    """Download an official MovieLens zip from GroupLens (checksum verified) and print its directory."""
+    from recserve.data import fetch
+
+    typer.echo(str(fetch(name, cache)))
+
+
+@app.command()
+@clean_errors
+def train(
+    data: Path = typer.Option(..., "--data", help="Directory with MovieLens files (100K, 1M or CSV family)."),
+    out: Path = typer.Option(..., "--out", help="Artifacts directory to write checkpoints into."),
+    seed: int = typer.Option(0, help="Random seed."),
+    tower_epochs: int = typer.Option(30, help="Maximum two-tower epochs (early stopping on validation)."),
+    mf_epochs: int = typer.Option(40, help="Maximum MF epochs (early stopping on validation)."),
+    ranker_epochs: int = typer.Option(8, help="Maximum ranker epochs (early stopping on held-out users)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
+    from recserve.train import TrainConfig, train_all
+
+    cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs)
+    train_all(load_data(data), out, cfg, progress=not quiet)
+
+
+@app.command()
+@clean_errors
+def evaluate(artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote.")):
+    """Full-ranking evaluation on the temporal test split; writes ARTIFACTS/metrics.json."""
+    from recserve.evaluate import evaluate_artifacts, format_table
+
+    result = evaluate_artifacts(artifacts)
+    d = result["protocol"]["data"]
+    typer.echo(f"{d['source']}: {d['test_users']} test users, {d['items']} items, full ranking, "
+               f"train+validation items excluded")
+    typer.echo(format_table(result["models"]))
+
+
+@export_app.command("onnx")
+@clean_errors
+def export_onnx_cmd(artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote.")):
+    """Export user tower, item tower and ranker to ONNX (checked against PyTorch) plus serving tables."""
+    from recserve.export.onnx import export_onnx
+
+    report = export_onnx(artifacts)
+    for name, m in report["models"].items():
+        typer.echo(f"{name}: {artifacts}/onnx/{m['file']}  opset {report['opset']}  "
+                   f"max rel. error vs PyTorch {m['max_rel_error']:.1e}")
+
+
+@app.command()
+@clean_errors
+def serve(
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to accept remote clients)."),
+    http_port: int = typer.Option(8000, help="HTTP port."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+    log_verbose: int = typer.Option(0, help="Triton --log-verbose level."),
+):
+    """Start the real tritonserver on a model repository; Ctrl-C stops it."""
+    from recserve.server import serve as run_server
+
+    sys.exit(run_server(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                        host=host, log_verbose=log_verbose))
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app()
+
+
+__all__ = ["app", "json"]

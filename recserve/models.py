@@ -1,0 +1,197 @@
+"""The models, small enough to read in one sitting: two towers, a DCN-v2 ranker, and the baselines.
+
+Conventions (shared with the index and the server):
+- Tower outputs are L2-normalised, so inner product == cosine; the FAISS index is an inner-product index.
+- Item index `n_items` is the padding id inside history tensors.
+- The ranker scores a [B, K] block of candidates per user: the user side is broadcast over K
+  inside the model, which is how one request fans out to hundreds of candidates without
+  copying user features K times on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TowerConfig:
+    n_users: int
+    n_items: int
+    n_genres: int
+    user_cat_cards: list[int]
+    n_year_buckets: int = 32
+    history_len: int = 20
+    dim: int = 64          # output embedding size (index dimension)
+    id_dim: int = 64
+    hidden: int = 256
+    temperature: float = 0.05
+
+
+def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(sizes[-2], sizes[-1]))
+    return nn.Sequential(*layers)
+
+
+class UserTower(nn.Module):
+    """user id + user attributes + mean-pooled recent history -> unit vector (B, dim)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.n_items = cfg.n_items
+        self.user_emb = nn.Embedding(cfg.n_users, cfg.id_dim)
+        self.cat_embs = nn.ModuleList(nn.Embedding(c, 16) for c in cfg.user_cat_cards)
+        self.hist_emb = nn.Embedding(cfg.n_items + 1, cfg.id_dim, padding_idx=cfg.n_items)
+        in_dim = 2 * cfg.id_dim + 16 * len(cfg.user_cat_cards)
+        self.mlp = _mlp([in_dim, cfg.hidden, cfg.dim])
+
+    def forward(self, user_idx: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        mask = (history != self.n_items).float().unsqueeze(-1)           # (B, H, 1)
+        pooled = (self.hist_emb(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, id_dim)
+        cats = [emb(user_cats[:, j]) for j, emb in enumerate(self.cat_embs)]
+        x = torch.cat([self.user_emb(user_idx), pooled, *cats], dim=-1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class ItemTower(nn.Module):
+    """item id + genres + year bucket -> unit vector (B, dim)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.item_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
+        self.genre_proj = nn.Linear(cfg.n_genres, 16, bias=False)
+        self.year_emb = nn.Embedding(cfg.n_year_buckets, 8)
+        self.mlp = _mlp([cfg.id_dim + 16 + 8, cfg.hidden, cfg.dim])
+
+    def forward(self, item_idx: torch.Tensor, genres: torch.Tensor, year: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.item_emb(item_idx), self.genre_proj(genres), self.year_emb(year)], dim=-1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.user_tower = UserTower(cfg)
+        self.item_tower = ItemTower(cfg)
+
+    def sampled_softmax_loss(self, u: torch.Tensor, v: torch.Tensor, item_idx: torch.Tensor,
+                             log_q: torch.Tensor) -> torch.Tensor:
+        """In-batch softmax with the logQ correction (Yi et al. 2019) and accidental hits masked.
+
+        u, v: (B, D) unit vectors of each positive pair; log_q: (I,) log sampling probability of each item.
+        """
+        logits = u @ v.T / self.cfg.temperature - log_q[item_idx].unsqueeze(0)   # (B, B)
+        same = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
+        logits = logits.masked_fill(same & ~torch.eye(len(item_idx), dtype=torch.bool), float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(item_idx)))
+
+
+@dataclass
+class RankerConfig:
+    n_users: int
+    n_items: int
+    n_genres: int
+    user_cat_cards: list[int]
+    tower_dim: int
+    n_year_buckets: int = 32
+    emb_dim: int = 16
+    cross_layers: int = 1
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.3
+    retrieval_temperature: float = 0.05   # the ranker starts from the towers' logit, dot / temperature
+
+
+class CrossLayer(nn.Module):
+    """DCN-v2 cross: x_{l+1} = x0 * (W x_l + b) + x_l."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.lin(x) + x
+
+
+class Ranker(nn.Module):
+    """DCN-v2 (stacked cross + deep) over user, item, context features and both tower embeddings."""
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.emb_dim
+        self.user_emb = nn.Embedding(cfg.n_users, e)
+        self.cat_embs = nn.ModuleList(nn.Embedding(c, 8) for c in cfg.user_cat_cards)
+        self.hour_emb = nn.Embedding(24, 4)
+        self.weekday_emb = nn.Embedding(7, 4)
+        self.item_emb = nn.Embedding(cfg.n_items, e)
+        self.genre_proj = nn.Linear(cfg.n_genres, 8, bias=False)
+        self.year_emb = nn.Embedding(cfg.n_year_buckets, 4)
+        d = cfg.tower_dim
+        self.in_dim = e + 8 * len(cfg.user_cat_cards) + 4 + 4 + e + 8 + 4 + 1 + 1 + 3 * d
+        self.cross = nn.ModuleList(CrossLayer(self.in_dim) for _ in range(cfg.cross_layers))
+        self.deep = _mlp([self.in_dim, *cfg.hidden, cfg.hidden[-1]], cfg.dropout)
+        self.head = nn.Linear(self.in_dim + cfg.hidden[-1], 1)
+        # Residual on the retrieval logit: an untrained ranker orders like the towers, and training
+        # (on few, hard examples) only has to learn the corrections.
+        self.retrieval_scale = nn.Parameter(torch.tensor(1.0 / cfg.retrieval_temperature))
+
+    def forward(self, user_idx, user_cats, user_vec, hour, weekday,
+                cand_idx, cand_genres, cand_year, cand_pop, cand_vec) -> torch.Tensor:
+        """user_*: (B, ...), cand_*: (B, K, ...) -> scores (B, K)."""
+        B, K = cand_idx.shape
+        user_side = torch.cat(
+            [self.user_emb(user_idx), *[emb(user_cats[:, j]) for j, emb in enumerate(self.cat_embs)],
+             self.hour_emb(hour), self.weekday_emb(weekday)], dim=-1)                   # (B, Fu)
+        user_side = user_side.unsqueeze(1).expand(B, K, user_side.shape[-1])             # (B, K, Fu)
+        uv = user_vec.unsqueeze(1).expand(B, K, user_vec.shape[-1])                      # (B, K, D)
+        dot = (uv * cand_vec).sum(-1, keepdim=True)                                       # (B, K, 1)
+        x0 = torch.cat([user_side, self.item_emb(cand_idx), self.genre_proj(cand_genres),
+                        self.year_emb(cand_year), cand_pop.unsqueeze(-1), dot, uv, cand_vec, uv * cand_vec],
+                       dim=-1).reshape(B * K, self.in_dim)                                # (B*K, F)
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        out = self.head(torch.cat([x, self.deep(x0)], dim=-1))                            # (B*K, 1)
+        return out.reshape(B, K) + self.retrieval_scale * dot.squeeze(-1)
+
+
+@dataclass
+class MFConfig:
+    n_users: int
+    n_items: int
+    dim: int = 64
+
+
+class MatrixFactorization(nn.Module):
+    """BPR matrix factorisation: score(u, i) = p_u . q_i + b_i."""
+
+    def __init__(self, cfg: MFConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.P = nn.Embedding(cfg.n_users, cfg.dim)
+        self.Q = nn.Embedding(cfg.n_items, cfg.dim)
+        self.b = nn.Embedding(cfg.n_items, 1)
+        for emb in (self.P, self.Q):
+            nn.init.normal_(emb.weight, std=0.05)
+        nn.init.zeros_(self.b.weight)
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return (self.P(users) * self.Q(items)).sum(-1) + self.b(items).squeeze(-1)
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        return self.P(users) @ self.Q.weight.T + self.b.weight.T                         # (B, I)
+
+
+MODEL_CLASSES = {"two_tower": (TwoTower, TowerConfig), "ranker": (Ranker, RankerConfig),
+                 "mf": (MatrixFactorization, MFConfig)}
+
+
+def model_args(model: nn.Module) -> dict:
+    return asdict(model.cfg)

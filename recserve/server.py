@@ -1,0 +1,504 @@
+"""Start, watch and stop the real ``tritonserver`` that the nvidia-pytriton wheel ships.
+
+The wheel keeps the python backend and its per-Python-version stubs apart, so the server
+is given a private backend directory assembled from symlinks (site-packages is never
+written to). The child's PATH starts with this interpreter's ``bin`` so the stub runs the
+same environment, and its output (stdout and stderr) is tailed by a thread into a log file,
+an optional stream, and a short in-memory tail used in error messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, TextIO
+
+import requests
+
+from recserve.errors import ServerError
+
+__all__ = ["TritonServer", "find_tritonserver", "prepare_backend_dir", "free_port", "serve"]
+
+INSTALL_FIX = "pip install nvidia-pytriton==0.7.0"
+STUB_NAME = "triton_python_backend_stub"
+PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+LOG_TAIL_LINES = 200
+ERROR_TAIL_LINES = 40
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+
+
+def _pytriton_tritonserver_dir() -> Path:
+    # find_spec locates the package without importing it (pytriton's import pulls in a lot).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"nvidia-pytriton is not installed, so there is no tritonserver binary; run `{INSTALL_FIX}`.")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def find_tritonserver() -> Path:
+    """Return the path of the ``tritonserver`` binary shipped in the nvidia-pytriton wheel.
+
+    Raises:
+        ServerError: the wheel, or the binary inside it, is missing.
+    """
+    binary = _pytriton_tritonserver_dir() / "bin" / "tritonserver"
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise ServerError(f"tritonserver binary not found (or not executable) at {binary}; run `{INSTALL_FIX}`.")
+    return binary
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    dst.symlink_to(src)
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """Assemble a backend directory whose ``python/`` holds the backend and this Python's stub.
+
+    Args:
+        dest: directory to create (or refresh); only symlinks are written into it.
+
+    Returns:
+        ``dest``, ready for ``tritonserver --backend-directory``.
+
+    Raises:
+        ServerError: the wheel lacks the python backend or a stub for the running Python version.
+    """
+    root = _pytriton_tritonserver_dir()
+    backend = root / "backends" / "python"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / STUB_NAME
+    missing = [backend / name for name in PYTHON_BACKEND_FILES if not (backend / name).is_file()]
+    if missing:
+        raise ServerError(f"python backend files missing: {', '.join(map(str, missing))}; run `{INSTALL_FIX}`.")
+    if not stub.is_file():
+        stubs_dir = root / "python_backend_stubs"
+        available = sorted(p.name for p in stubs_dir.iterdir()) if stubs_dir.is_dir() else []
+        raise ServerError(
+            f"nvidia-pytriton has no {STUB_NAME} for Python {version} (expected {stub}); "
+            f"available: {', '.join(available) or 'none'}. Use one of those Python versions."
+        )
+    python_dir = Path(dest) / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in PYTHON_BACKEND_FILES:
+        _link(backend / name, python_dir / name)
+    _link(stub, python_dir / STUB_NAME)
+    return Path(dest)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now (for tests; racy by nature)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Match the server: a port in TIME_WAIT is usable, a listening one is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# Triton's own line names the port; gRPC core's line (printed first) only says "resolved for".
+_IN_USE = (
+    re.compile(r"Socket '[^']*:(\d+)' already in use"),
+    re.compile(r"resolved for '[^']*:(\d+)'.*Address already in use"),
+)
+_FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?\s*:\s*(.*)")
+# Logged as errors on every CPU-only machine; never the reason a server stopped.
+_NOISE = ("CudaDriverHelper", "NVML", "DCGM")
+
+
+def _failure_reason(lines: Sequence[str], port_flags: dict[int, str], backend_dir: Path | None = None) -> str:
+    """Pick the one line that says why tritonserver stopped, in the order a user would fix them."""
+    for pattern in _IN_USE:
+        for line in lines:
+            match = pattern.search(line)
+            if match:
+                port = int(match.group(1))
+                flag = port_flags.get(port)
+                return f"port {port} is already in use" + (f"; pass {flag} with a free port" if flag else "")
+    for line in lines:
+        if STUB_NAME in line and "not found" in line:
+            where = f" in {backend_dir / 'python'}" if backend_dir else ""
+            return f"{STUB_NAME} is not found{where}; the backend directory must hold the stub for this Python"
+    for line in lines:
+        match = _FAILED_LOAD.search(line)
+        if match:
+            # Triton escapes the traceback's newlines: keep the first line, the exception itself.
+            detail = match.group(2).split("\\n")[0].strip().rstrip('"').strip()
+            return f"model '{match.group(1)}' failed to load: {detail}"
+    errors = [line.strip() for line in lines if not any(noise in line for noise in _NOISE)]
+    for line in reversed(errors):
+        if line.startswith("error:") or "failed to start" in line:
+            return line
+    for line in reversed(errors):
+        if re.match(r"E\d{4} ", line):
+            return line
+    return "no error line found in the log"
+
+
+class TritonServer:
+    """One ``tritonserver`` process: start it, wait for readiness, stop it, and say why it failed.
+
+    Use as a context manager (``with TritonServer(repo) as server: ...``): entering starts the
+    server and waits until it is ready; leaving stops it.
+
+    Args:
+        repository: model repository directory.
+        http_port: HTTP/REST port (``--http-port``).
+        grpc_port: gRPC port (``--grpc-port``).
+        metrics_port: Prometheus metrics port (``--metrics-port``).
+        host: address the three endpoints bind to.
+        log_verbose: ``--log-verbose`` level.
+        log_file: where the server log goes. ``None`` writes it into a temporary directory,
+            a path writes it there, and a text stream (``sys.stderr``) receives every line as
+            it comes (the log is then also kept in the temporary directory).
+        extra_args: more ``tritonserver`` arguments, appended last.
+        model_control_mode: ``none``, ``poll`` or ``explicit``.
+        ready_timeout: default seconds :meth:`wait_ready` waits when entered as a context manager.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike[str],
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        log_verbose: int = 0,
+        log_file: str | os.PathLike[str] | TextIO | None = None,
+        extra_args: Iterable[str] = (),
+        model_control_mode: str = "none",
+        ready_timeout: float = 120.0,
+    ) -> None:
+        if model_control_mode not in MODEL_CONTROL_MODES:
+            raise ServerError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}.")
+        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+        if len(set(ports.values())) != len(ports):
+            raise ServerError(f"HTTP, gRPC and metrics ports must differ, got {ports}.")
+        self.repository = Path(repository)
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.log_verbose = log_verbose
+        self.extra_args = tuple(extra_args)
+        self.model_control_mode = model_control_mode
+        self.ready_timeout = ready_timeout
+        self._stream: TextIO | None = None
+        self._log_path: Path | None = None
+        if log_file is not None and hasattr(log_file, "write"):
+            self._stream = log_file  # type: ignore[assignment]
+        elif log_file is not None:
+            self._log_path = Path(log_file)  # type: ignore[arg-type]
+        self._workdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._log_handle: IO[str] | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._tail_lock = threading.Lock()
+        self._backend_dir: Path | None = None
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    @property
+    def _client_host(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+        return f"[{host}]" if ":" in host else host
+
+    def url(self, protocol: str = "http") -> str:
+        """Client address for ``"http"`` (``http://h:p``), ``"grpc"`` (``h:p``) or ``"metrics"`` (full URL)."""
+        if protocol == "http":
+            return f"http://{self._client_host}:{self.http_port}"
+        if protocol == "grpc":
+            return f"{self._client_host}:{self.grpc_port}"
+        if protocol == "metrics":
+            return f"http://{self._client_host}:{self.metrics_port}/metrics"
+        raise ValueError(f"protocol must be 'http', 'grpc' or 'metrics', got {protocol!r}")
+
+    @property
+    def log_path(self) -> Path | None:
+        """The server log file (``None`` before :meth:`start`)."""
+        return self._log_path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The ``tritonserver`` process, once started."""
+        return self._proc
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the server process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = ERROR_TAIL_LINES) -> list[str]:
+        """The last ``lines`` lines the server printed."""
+        with self._tail_lock:
+            return list(self._tail)[-lines:]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def command(self, backend_dir: Path) -> list[str]:
+        """The full ``tritonserver`` command line for a given backend directory."""
+        return [
+            str(find_tritonserver()),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={backend_dir}",
+            f"--cache-directory={_pytriton_tritonserver_dir() / 'caches'}",
+            f"--model-control-mode={self.model_control_mode}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=true",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def _port_flags(self) -> dict[int, str]:
+        return {self.http_port: "--http-port", self.grpc_port: "--grpc-port", self.metrics_port: "--metrics-port"}
+
+    def _check_ports(self) -> None:
+        for port, flag in self._port_flags().items():
+            if not _port_is_free(self.host, port):
+                raise ServerError(f"port {port} is already in use on {self.host}; pass {flag} with a free port.")
+
+    def start(self) -> TritonServer:
+        """Launch ``tritonserver`` in the background; call :meth:`wait_ready` next.
+
+        Raises:
+            ServerError: already started, repository missing, a port taken, or the binary missing.
+        """
+        if self._proc is not None:
+            raise ServerError("this TritonServer was already started; create a new one to start again.")
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} is not a directory; run the repository step first.")
+        self._check_ports()
+        self._workdir = Path(tempfile.mkdtemp(prefix="recserve-triton-"))
+        backend_dir = prepare_backend_dir(self._workdir / "backends")
+        if self._log_path is None:
+            self._log_path = self._workdir / "tritonserver.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # The stub runs the first python on PATH: make it this environment's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._backend_dir = backend_dir
+        # Closed by the reader thread when the server's output ends.
+        self._log_handle = open(self._log_path, "w", encoding="utf-8")
+        try:
+            self._proc = subprocess.Popen(
+                self.command(backend_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Own process group: Ctrl-C in a terminal reaches us, not the server, so we stop it
+                # in order; the group also lets us kill stubs left behind by a crash.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._log_handle.close()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            raise ServerError(f"could not run tritonserver: {exc}; reinstall with `{INSTALL_FIX}`.") from exc
+        self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
+        self._reader.start()
+        return self
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None and self._log_handle is not None
+        try:
+            for raw in self._proc.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                with self._tail_lock:
+                    self._tail.append(line)
+                self._log_handle.write(line + "\n")
+                self._log_handle.flush()
+                if self._stream is not None:
+                    with contextlib.suppress(ValueError, OSError):  # the stream may be closed under us
+                        self._stream.write(line + "\n")
+                        self._stream.flush()
+        finally:
+            self._log_handle.close()
+
+    def _failure_message(self, headline: str) -> str:
+        self._join_reader(2.0)
+        lines = self.log_tail(LOG_TAIL_LINES)
+        if self._log_path is not None and self._log_path.is_file():
+            # The reason can sit far above the tail (a model table and option dump follow it).
+            with contextlib.suppress(OSError):
+                lines = self._log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20000:]
+        reason = _failure_reason(lines, self._port_flags(), self._backend_dir)
+        tail = self.log_tail()
+        shown = "\n".join(tail) if tail else "(no output)"
+        return f"{headline}: {reason}\n--- last {len(tail)} lines of {self._log_path} ---\n{shown}"
+
+    def wait_ready(self, timeout: float | None = None, interval: float = 0.2) -> None:
+        """Poll ``/v2/health/ready`` until the server (and, strictly, every model) is ready.
+
+        Raises:
+            ServerError: the process exited first (the message carries the reason and the log
+                tail), or it was not ready within ``timeout`` seconds.
+        """
+        if self._proc is None:
+            raise ServerError("the server was not started; call start() first.")
+        timeout = self.ready_timeout if timeout is None else timeout
+        url = f"{self.url('http')}/v2/health/ready"
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise ServerError(self._failure_message(f"tritonserver exited with code {code} before it was ready"))
+            # Triton binds the metrics port after HTTP is up and exits if that fails: wait for both.
+            if self._get_ok(url) and self._get_ok(self.url("metrics")) and self._proc.poll() is None:
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(self._failure_message(f"tritonserver was not ready at {url} after {timeout:g} s"))
+            time.sleep(interval)
+
+    @staticmethod
+    def _get_ok(url: str) -> bool:
+        try:
+            return requests.get(url, timeout=1.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _join_reader(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def _signal(self, sig: signal.Signals, wait: float) -> bool:
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(wait)
+        return self._proc.poll() is not None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server: SIGINT (graceful), then SIGTERM, then SIGKILL; always reaps it.
+
+        Args:
+            timeout: seconds to wait after SIGINT; SIGTERM then gets 5 s before SIGKILL.
+
+        Returns:
+            The exit code, or ``None`` if the server was never started.
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            if not self._signal(signal.SIGINT, timeout):
+                self._signal(signal.SIGTERM, 5.0)
+        finally:
+            # Also reached on a second Ctrl-C while waiting. Python-backend stubs share the
+            # server's process group; after a crash one can outlive the server.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self._join_reader(5.0)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if self._workdir is not None:
+            # After a failure the temporary log outlives stop(): the error message points at it.
+            log_inside = self._log_path is not None and self._log_path.is_relative_to(self._workdir)
+            failed = proc.returncode not in (0, -signal.SIGINT)
+            shutil.rmtree(self._workdir / "backends" if log_inside and failed else self._workdir, ignore_errors=True)
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve(
+    repository: str | os.PathLike[str],
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    host: str = "127.0.0.1",
+    log_verbose: int = 0,
+    extra_args: Iterable[str] = (),
+    model_control_mode: str = "none",
+    ready_timeout: float = 120.0,
+    stream_log: bool = True,
+) -> int:
+    """Run Triton in the foreground until Ctrl-C or SIGTERM (the ``recserve serve`` command).
+
+    The server log streams to stderr when ``stream_log`` is true; one line on stdout says
+    where the endpoints are once every model is ready.
+
+    Returns:
+        The server's exit code after a clean stop.
+
+    Raises:
+        ServerError: the server failed to start, or died while serving.
+    """
+    server = TritonServer(
+        repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        host=host,
+        log_verbose=log_verbose,
+        log_file=sys.stderr if stream_log else None,
+        extra_args=extra_args,
+        model_control_mode=model_control_mode,
+        ready_timeout=ready_timeout,
+    )
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        with server:
+            print(
+                f"Triton ready: HTTP {server.url('http')}, gRPC {server.url('grpc')}, metrics {server.url('metrics')}",
+                flush=True,
+            )
+            while server.is_alive:
+                time.sleep(0.5)
+            code = server.process.returncode  # type: ignore[union-attr]
+            raise ServerError(server._failure_message(f"tritonserver exited with code {code} while serving"))
+    except KeyboardInterrupt:
+        print("Triton stopped.", file=sys.stderr, flush=True)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    code = server.stop()  # already stopped by the context manager; this only reads the exit code
+    return 0 if code in (None, 0, -signal.SIGINT) else code

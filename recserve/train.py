@@ -1,0 +1,247 @@
+"""Train every model on one dataset: popularity, BPR-MF, the two towers, then the ranker.
+
+The ranker learns to re-order the two towers' own candidates: its examples are the validation-period
+interactions of each user (positives) against items the retrieval model put in that user's top 500
+(hard negatives), so it trains on the distribution it will re-rank at serving time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from recserve import checkpoint
+from recserve.data.dataset import TRAIN, VALID, Dataset, build_dataset
+from recserve.evaluate import Evaluator
+from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
+from recserve.reference import RANKER_INPUTS, context_of, item_vectors, ranker_batch, top_k_excluding, user_vectors
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    dim: int = 64
+    tower_epochs: int = 30
+    tower_batch: int = 1024
+    tower_lr: float = 2e-3
+    temperature: float = 0.05
+    mf_epochs: int = 40
+    mf_batch: int = 4096
+    mf_lr: float = 5e-3
+    mf_reg: float = 1e-4
+    ranker_epochs: int = 8
+    ranker_batch: int = 256
+    ranker_lr: float = 1e-3
+    ranker_negatives: int = 32
+    candidates: int = 500
+    patience: int = 4
+    max_eval_users: int = 5000   # validation during training uses at most this many users
+    threads: int = 0             # 0: torch's default
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg)
+
+
+def _epochs(n: int, desc: str, progress: bool):
+    return tqdm(range(n), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+
+
+def _val_evaluator(ds: Dataset, cfg: TrainConfig) -> Evaluator:
+    ev = Evaluator(ds, VALID)
+    if len(ev.users) > cfg.max_eval_users:
+        keep = np.random.default_rng(cfg.seed).choice(len(ev.users), cfg.max_eval_users, replace=False)
+        keep.sort()
+        ev.users = ev.users[keep]
+        ev.truth = [ev.truth[i] for i in keep]
+        ev.hour, ev.weekday = ev.hour[keep], ev.weekday[keep]
+    return ev
+
+
+def train_popularity(ds: Dataset) -> np.ndarray:
+    return np.bincount(ds.items[ds.mask(TRAIN)], minlength=ds.n_items).astype(np.int64)
+
+
+def train_mf(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True) -> MatrixFactorization:
+    """BPR with uniform negatives; the epoch with the best validation ndcg@10 is kept."""
+    rng = np.random.default_rng(cfg.seed)
+    model = MatrixFactorization(MFConfig(ds.n_users, ds.n_items, cfg.dim))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.mf_lr)
+    m = ds.mask(TRAIN)
+    users, items = torch.as_tensor(ds.users[m]), torch.as_tensor(ds.items[m])
+    best, best_state, bad = -1.0, None, 0
+    bar = _epochs(cfg.mf_epochs, "mf", progress)
+    for _ in bar:
+        model.train()
+        perm = torch.as_tensor(rng.permutation(len(users)))
+        for s in range(0, len(perm), cfg.mf_batch):
+            idx = perm[s:s + cfg.mf_batch]
+            u, i = users[idx], items[idx]
+            j = torch.as_tensor(rng.integers(0, ds.n_items, len(idx)))
+            diff = model.score(u, i) - model.score(u, j)
+            reg = cfg.mf_reg * (model.P(u).pow(2).sum() + model.Q(i).pow(2).sum() + model.Q(j).pow(2).sum()) / len(idx)
+            loss = -F.logsigmoid(diff).mean() + reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        score = ev.mf(model)["ndcg@10"]
+        bar.set_postfix(loss=f"{loss.item():.4f}", val_ndcg10=f"{score:.4f}")
+        if score > best:
+            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    _log(f"  mf: best validation ndcg@10 {best:.4f}")
+    return model
+
+
+def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True) -> TwoTower:
+    """Sampled softmax over in-batch negatives with logQ correction; best validation recall@50 kept."""
+    rng = np.random.default_rng(cfg.seed)
+    model = TwoTower(TowerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards,
+                                 dim=cfg.dim, temperature=cfg.temperature))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.tower_lr)
+    rows = np.flatnonzero(ds.mask(TRAIN))
+    hist = torch.as_tensor(ds.rolling_history(rows, model.cfg.history_len))      # (N, H)
+    users, items = torch.as_tensor(ds.users[rows]), torch.as_tensor(ds.items[rows])
+    user_cats = torch.as_tensor(ds.user_cats)
+    genres, years = torch.as_tensor(ds.item_genres), torch.as_tensor(ds.item_year)
+    counts = np.bincount(ds.items[rows], minlength=ds.n_items) + 1.0
+    log_q = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    best, best_state, bad = -1.0, None, 0
+    bar = _epochs(cfg.tower_epochs, "two_tower", progress)
+    for _ in bar:
+        model.train()
+        perm = torch.as_tensor(rng.permutation(len(rows)))
+        for s in range(0, len(perm), cfg.tower_batch):
+            idx = perm[s:s + cfg.tower_batch]
+            u, i = users[idx], items[idx]
+            uv = model.user_tower(u, user_cats[u], hist[idx])
+            iv = model.item_tower(i, genres[i], years[i])
+            loss = model.sampled_softmax_loss(uv, iv, i, log_q)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        score = ev.two_tower(model)["recall@50"]
+        bar.set_postfix(loss=f"{loss.item():.3f}", val_recall50=f"{score:.4f}")
+        if score > best:
+            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    _log(f"  two_tower: best validation recall@50 {best:.4f}")
+    return model
+
+
+@torch.no_grad()
+def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """One group per validation interaction: [positive, negatives mined from the user's retrieved top-K]."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    ev = Evaluator(ds, VALID, two_tower.cfg.history_len)
+    iv = item_vectors(two_tower, ds)
+    m = ds.split == VALID
+    v_users, v_items, v_ts = ds.users[m], ds.items[m], ds.timestamps[m]
+    f = ev.tables.users(ev.users)
+    uv = user_vectors(two_tower, f)
+    cand = top_k_excluding(uv @ iv.T, ev.users, ev.tables, cfg.candidates)
+    row_of = {u: r for r, u in enumerate(ev.users)}
+    groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
+    for n, (u, i) in enumerate(zip(v_users, v_items)):
+        r = row_of[u]
+        pool = cand[r][~np.isin(cand[r], ev.truth[r])]
+        groups[n, 0] = i
+        groups[n, 1:] = rng.choice(pool, cfg.ranker_negatives, replace=len(pool) < cfg.ranker_negatives)
+    rows = np.array([row_of[u] for u in v_users])
+    hour, weekday = context_of(v_ts)
+    fu = ev.tables.users(v_users)
+    return ranker_batch(ev.tables, fu, uv[rows], hour, weekday, groups, iv)
+
+
+def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: bool = True,
+                 ranker_cfg: RankerConfig | None = None) -> Ranker:
+    """Listwise softmax over [positive, mined negatives] per validation interaction.
+
+    15% of the validation users are held out of the ranker's training; the epoch with the lowest
+    loss on them is kept (the ranker has few examples and overfits within a handful of epochs).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    data = {k: torch.as_tensor(v) for k, v in ranker_examples(ds, two_tower, cfg).items()}
+    ranker_cfg = ranker_cfg or RankerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards, two_tower.cfg.dim,
+                                            retrieval_temperature=two_tower.cfg.temperature)
+    model = Ranker(ranker_cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.ranker_lr, weight_decay=1e-6)
+    users = data["user_idx"].numpy()
+    held = np.isin(users, rng.permutation(np.unique(users))[: max(1, len(np.unique(users)) * 15 // 100)])
+    fit_rows, held_rows = np.flatnonzero(~held), torch.as_tensor(np.flatnonzero(held))
+
+    def loss_of(idx) -> torch.Tensor:
+        scores = model(*[data[k][idx] for k in RANKER_INPUTS])                  # (b, 1 + negatives)
+        return F.cross_entropy(scores, torch.zeros(len(idx), dtype=torch.long))
+
+    best, best_state, bad = float("inf"), None, 0
+    bar = _epochs(cfg.ranker_epochs, "ranker", progress)
+    for _ in bar:
+        model.train()
+        perm = torch.as_tensor(rng.permutation(fit_rows))
+        for s in range(0, len(perm), cfg.ranker_batch):
+            loss = loss_of(perm[s:s + cfg.ranker_batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            held_loss = loss_of(held_rows).item()
+        bar.set_postfix(held_out_loss=f"{held_loss:.4f}")
+        if held_loss < best:
+            best, best_state, bad = held_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= 2:
+                break
+    model.load_state_dict(best_state)
+    _log(f"  ranker: {len(users)} groups of 1 positive + {cfg.ranker_negatives} mined negatives, "
+         f"best held-out loss {best:.4f}")
+    return model
+
+
+def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = True) -> dict:
+    """Train popularity, MF, two towers and ranker; write self-describing artifacts into `out`."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ds = build_dataset(raw)
+    ds.save(out / "dataset.npz")
+    _log(f"data: {ds.source}, {ds.n_users} users, {ds.n_items} items, {len(ds.users)} interactions "
+         f"(train {int((ds.split == 0).sum())}, valid {int((ds.split == 1).sum())}, "
+         f"test {int((ds.split == 2).sum())}), fingerprint {ds.fingerprint}")
+    ev = _val_evaluator(ds, cfg)
+    np.savez(out / "popularity.npz", counts=train_popularity(ds), fingerprint=ds.fingerprint)
+    mf = train_mf(ds, cfg, ev, progress)
+    checkpoint.save(mf, "mf", out / "mf.pt", ds.fingerprint, train_config=asdict(cfg))
+    two_tower = train_two_tower(ds, cfg, ev, progress)
+    checkpoint.save(two_tower, "two_tower", out / "two_tower.pt", ds.fingerprint, train_config=asdict(cfg))
+    ranker = train_ranker(ds, two_tower, cfg, progress)
+    checkpoint.save(ranker, "ranker", out / "ranker.pt", ds.fingerprint, train_config=asdict(cfg))
+    summary = {"seconds": round(time.time() - t0, 1), "fingerprint": ds.fingerprint, "config": asdict(cfg)}
+    (out / "train.json").write_text(json.dumps(summary, indent=2))
+    _log(f"trained in {summary['seconds']} s -> {out}")
+    return summary
