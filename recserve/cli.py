@@ -142,3 +142,27 @@ def main() -> None:  # pragma: no cover - console entry point alternative
 
 
 __all__ = ["app", "json"]
+
+
+@export_app.command("repository")
+@clean_errors
+def export_repository_cmd(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` and `export onnx` wrote."),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", help="Where to write it."),
+    flavor: str = typer.Option("embedded", help="embedded (pip tritonserver) or native (NGC container)."),
+    precision: str = typer.Option("fp32", help="fp32 or int8 (int8 needs `export onnx --precision int8`)."),
+    candidates: int = typer.Option(500, help="Candidates retrieved per user and re-ranked."),
+    index: str = typer.Option("auto", help="auto (exact below 100k items, IVF above), flat, ivf or ivfpq."),
+    nlist: int = typer.Option(0, help="IVF cells (0: 4*sqrt(items))."),
+    nprobe: int = typer.Option(0, help="IVF cells searched per query (0: nlist/16, at least 8)."),
+    instances: int = typer.Option(1, help="Model instances per model."),
+):
+    """Write a Triton model repository (configs via protobuf, FAISS index, manifest), atomically."""
+    from recserve.export.index import IndexSpec
+    from recserve.export.repository import RepoOptions, write_repository
+
+    m = write_repository(artifacts, repository, RepoOptions(flavor=flavor, precision=precision, candidates=candidates,
+                                                            index=IndexSpec(index, nlist, nprobe), instances=instances))
+    i = m["index"]
+    typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {len(m['models'])} models, K={m['candidates']}, "
+               f"index {i['spec']['kind']} recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")

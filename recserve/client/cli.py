@@ -1,0 +1,45 @@
+"""``recserve recommend``: ask a running server for one user's recommendations.
+
+The lead registers it on the main app with ``app.command("recommend")(recommend_command)``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from recserve.client.client import RecClient, Recommendation
+from recserve.errors import RecserveError
+
+__all__ = ["recommend_command", "format_table"]
+
+
+def format_table(rec: Recommendation) -> str:
+    """A readable table: rank, item id, score, title (one row per item)."""
+    width = max([len("item_id")] + [len(str(it.item_id)) for it in rec.items])
+    lines = [f"{'rank':>4}  {'item_id':>{width}}  {'score':>10}  title"]
+    for rank, it in enumerate(rec.items, 1):
+        lines.append(f"{rank:>4}  {it.item_id:>{width}}  {it.score:>10.4f}  {it.title}")
+    if not rec.items:
+        lines.append("(no items: every candidate was filtered out)")
+    return "\n".join(lines)
+
+
+def recommend_command(
+    user: int = typer.Option(..., "--user", help="Raw user id, as in the data set."),
+    k: int = typer.Option(10, "-k", "--k", help="How many items, 1..K (K: candidates per user in the repository)."),
+    mode: str = typer.Option("ensemble", "--mode", help="ensemble (one call) or pipeline (one call per stage)."),
+    protocol: str = typer.Option("grpc", "--protocol", help="grpc or http."),
+    url: str | None = typer.Option(None, "--url", help="HOST:PORT (default 127.0.0.1:8001 grpc, :8000 http)."),
+    hour: int | None = typer.Option(None, "--hour", help="Hour of the request 0..23 (default: now, UTC)."),
+    weekday: int | None = typer.Option(None, "--weekday", help="0 = Monday .. 6 (default: today, UTC)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds one call may take."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Recommend items for one user from a running Triton server."""
+    try:
+        with RecClient(url, protocol=protocol, timeout=timeout) as client:
+            rec = client.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode)
+    except RecserveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(rec.to_json() if as_json else format_table(rec))

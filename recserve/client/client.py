@@ -1,0 +1,376 @@
+"""Ask a running Triton server for recommendations, over gRPC or HTTP.
+
+Two modes give the same answer: ``ensemble`` makes one call to the server-side ensemble
+``recommend``; ``pipeline`` makes one call per stage (user_features, user_tower, retrieval,
+ranker_inputs, ranker, topk) and passes each stage's arrays on untouched, which shows what the
+ensemble does and lets a test compare the two. The tensor names are those of
+``model_repository/README.md``.
+
+Every failure leaves as a :class:`~recserve.errors.RecserveError`: tritonclient's exceptions
+and the socket errors of the HTTP client are mapped in one place, :func:`_map_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from recserve.errors import ArtifactError, ClientError, RecserveError, ServerError, UnknownUserError
+
+__all__ = ["RecClient", "Recommendation", "RecommendedItem", "DEFAULT_URLS", "MODES", "PROTOCOLS"]
+
+PROTOCOLS = ("grpc", "http")
+MODES = ("ensemble", "pipeline")
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+TOPK_OUTPUTS = ("item_ids", "scores", "titles")
+INSTALL_FIX = "pip install 'tritonclient[grpc,http]>=2.50,<2.53'"
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    """One recommended item: its raw id, the ranker's score and its title."""
+
+    item_id: int
+    score: float
+    title: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The answer for one user, best item first."""
+
+    user: int
+    mode: str
+    items: list[RecommendedItem] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"user": ID, "mode": ..., "items": [{"item_id": ..., "score": ..., "title": ...}, ...]}``."""
+        return {
+            "user": self.user,
+            "mode": self.mode,
+            "items": [{"item_id": it.item_id, "score": it.score, "title": it.title} for it in self.items],
+        }
+
+    def to_json(self) -> str:
+        """:meth:`as_dict` as one line of JSON."""
+        return json.dumps(self.as_dict(), ensure_ascii=False)
+
+    @property
+    def item_ids(self) -> list[int]:
+        """The recommended raw item ids, best first."""
+        return [it.item_id for it in self.items]
+
+
+def _server_message(exc: Exception) -> str:
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    # Triton's messages can carry a python traceback with escaped newlines: keep the first line.
+    return " ".join(str(message or exc).split("\\n")[0].split()) or type(exc).__name__
+
+
+def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: float) -> RecserveError:
+    """Turn one tritonclient / socket exception into the recserve error a user can act on."""
+    from tritonclient.utils import InferenceServerException
+
+    timed_out = f"the Triton server at {where} timed out after {timeout:g} s; raise --timeout or check the server"
+    down = f"no Triton server answers at {where}: start one with `recserve serve`"
+    if isinstance(exc, InferenceServerException):
+        status = exc.status() or ""
+        if "DEADLINE_EXCEEDED" in status:
+            return ServerError(timed_out)
+        if "UNAVAILABLE" in status:
+            return ServerError(down)
+        message = _server_message(exc)
+        if "unknown user" in message.lower():
+            return UnknownUserError(message)
+        target = f"model '{model}'" if model else "the server"
+        return ClientError(f"{target} at {where} rejected the request: {message}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ServerError(down)
+    # socket.timeout is TimeoutError; gevent's Timeout (a BaseException) comes from the HTTP client.
+    if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":
+        return ServerError(timed_out)
+    return ServerError(f"{down} ({type(exc).__name__}: {exc})")
+
+
+class _Transport:
+    """The protocol difference in one place: numpy arrays in, numpy arrays out."""
+
+    def __init__(self, protocol: str, url: str, timeout: float) -> None:
+        self.protocol, self.timeout = protocol, timeout
+        self.where = f"{url} ({protocol})"
+        try:
+            if protocol == "grpc":
+                import tritonclient.grpc as module
+            else:
+                import tritonclient.http as module
+        except ImportError as exc:
+            raise ClientError(f"tritonclient[{protocol}] is not installed ({exc}); run `{INSTALL_FIX}`.") from None
+        from tritonclient.utils import InferenceServerException
+
+        self._module = module
+        # What a dead, slow or unreachable server raises: tritonclient's own exception over gRPC;
+        # socket errors and gevent's Timeout (a BaseException) from the HTTP client.
+        catch: list[type[BaseException]] = [InferenceServerException, OSError]
+        if protocol == "http":
+            with contextlib.suppress(ImportError):
+                from gevent import Timeout
+
+                catch.append(Timeout)
+        self._catch = tuple(catch)
+        with self._guard(None):
+            if protocol == "grpc":
+                self._client = module.InferenceServerClient(url)
+            else:
+                self._client = module.InferenceServerClient(
+                    url.removeprefix("http://"), connection_timeout=timeout, network_timeout=timeout
+                )
+
+    @contextlib.contextmanager
+    def _guard(self, model: str | None) -> Iterator[None]:
+        try:
+            yield
+        except self._catch as exc:
+            raise _map_error(exc, model=model, where=self.where, timeout=self.timeout) from None
+
+    def _timeout_kwargs(self) -> dict[str, float]:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
+        """One inference call; the arrays keep their dtypes (BOOL, INT64, FP32, BYTES)."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        names = list(outputs)
+        with self._guard(model):
+            requests = []
+            for name, array in inputs.items():
+                infer_input = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                infer_input.set_data_from_numpy(array)
+                requests.append(infer_input)
+            wanted = [self._module.InferRequestedOutput(name) for name in names]
+            result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
+            arrays = {name: result.as_numpy(name) for name in names}
+        missing = [name for name, array in arrays.items() if array is None]
+        if missing:
+            raise ClientError(f"model '{model}' at {self.where} returned no {', '.join(missing)}; "
+                              "the repository does not follow model_repository/README.md, re-export it.")
+        return arrays
+
+    def model_config(self, model: str) -> dict[str, Any]:
+        """The model's config as a dict (model_config.proto field names)."""
+        with self._guard(model):
+            if self.protocol == "grpc":
+                return self._client.get_model_config(model, as_json=True, **self._timeout_kwargs())["config"]
+            return self._client.get_model_config(model)
+
+    def is_ready(self) -> bool:
+        with self._guard(None):
+            return bool(self._client.is_server_ready(**self._timeout_kwargs()))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+def _now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+        raise ClientError(f"{name}={value!r} is out of range: choose {low}..{high}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _one(value: int, dtype: type) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)  # (1, 1): a batch of one row
+
+
+def _decode(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RecClient:
+    """A client for the served recommender.
+
+    Args:
+        url: ``HOST:PORT`` of the server; ``None`` means 127.0.0.1 on Triton's default port for
+            the protocol (gRPC 8001, HTTP 8000).
+        protocol: ``"grpc"`` or ``"http"``.
+        timeout: seconds one call may take before :class:`ServerError` is raised.
+        candidates: K, the candidates per user; ``None`` reads it from the ``topk`` model's config
+            on first use. Giving it spares that call (tests use it to validate ``k`` offline).
+
+    Raises:
+        ClientError: a bad protocol or timeout.
+
+    Example:
+        >>> with RecClient(protocol="http") as client:  # doctest: +SKIP
+        ...     print(client.recommend(42, k=5).to_json())
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        timeout: float = 10.0,
+        candidates: int | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ClientError(f"protocol={protocol!r} is not supported: choose 'grpc' or 'http'")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ClientError(f"timeout={timeout!r} must be a positive number of seconds")
+        if candidates is not None and (not _is_int(candidates) or candidates < 1):
+            raise ClientError(f"candidates={candidates!r} must be a positive integer (K of the repository)")
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout = float(timeout)
+        self._candidates = None if candidates is None else int(candidates)
+        self._transport = _Transport(protocol, self.url, self.timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; the client is not usable afterwards."""
+        self._transport.close()
+
+    def __enter__(self) -> RecClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RecClient(url={self.url!r}, protocol={self.protocol!r}, timeout={self.timeout:g})"
+
+    # -- server facts ------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """True when the server answers and every model is ready; False when nothing answers."""
+        try:
+            return self._transport.is_ready()
+        except ServerError:
+            return False
+
+    def candidates(self) -> int:
+        """K, the candidates per user, from the ``topk`` model config's ``candidates`` parameter (cached).
+
+        Raises:
+            ServerError: no server answers.
+            ArtifactError: the parameter is missing or not a positive integer.
+        """
+        if self._candidates is None:
+            config = self._transport.model_config("topk")
+            raw = (config.get("parameters") or {}).get("candidates", {}).get("string_value")
+            try:
+                value = int(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                value = 0
+            if value < 1:
+                raise ArtifactError(f"model 'topk' at {self._transport.where} has candidates={raw!r} in its "
+                                    "config parameters, not a positive integer; re-run `recserve export repository`")
+            self._candidates = value
+        return self._candidates
+
+    # -- recommendations ---------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        user_id: int,
+        k: int = 10,
+        hour: int | None = None,
+        weekday: int | None = None,
+        mode: str = "ensemble",
+    ) -> Recommendation:
+        """Recommend ``k`` items for one user.
+
+        Args:
+            user_id: the raw user id, as in the data set.
+            k: how many items, 1..K.
+            hour: hour of the request, 0..23; default now (UTC).
+            weekday: day of the request, 0 = Monday .. 6; default today (UTC).
+            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per stage).
+
+        Raises:
+            ClientError: a bad argument (before any inference call) or a request the server rejected.
+            UnknownUserError: the server does not know ``user_id``.
+            ServerError: no server answers, or it timed out.
+        """
+        if mode not in MODES:
+            raise ClientError(f"mode={mode!r} is not supported: choose 'ensemble' or 'pipeline'")
+        if not _is_int(user_id) or not np.iinfo(np.int64).min <= user_id <= np.iinfo(np.int64).max:
+            raise ClientError(f"user_id={user_id!r} is not a 64-bit integer: pass the raw user id from the data")
+        now = _now_utc()
+        hour = _check_range("hour", now.hour if hour is None else hour, 0, 23)
+        weekday = _check_range("weekday", now.weekday() if weekday is None else weekday, 0, 6)
+        if not _is_int(k) or k < 1:
+            # Refused without a round trip; K is named when it is already known.
+            high = self._candidates if self._candidates is not None else "K (the server's candidates per user)"
+            raise ClientError(f"k={k!r} is out of range: choose 1..{high}")
+        k = _check_range("k", k, 1, self.candidates())
+        inputs = {
+            "user_id": _one(user_id, np.int64),
+            "k": _one(k, np.int32),
+            "hour": _one(hour, np.int64),
+            "weekday": _one(weekday, np.int64),
+        }
+        if mode == "ensemble":
+            out = self._transport.infer("recommend", inputs, TOPK_OUTPUTS)
+        else:
+            out = self._pipeline(inputs)
+        items = [
+            RecommendedItem(int(item_id), float(score), _decode(title))
+            for item_id, score, title in zip(out["item_ids"][0], out["scores"][0], out["titles"][0])
+        ]
+        return Recommendation(user=int(user_id), mode=mode, items=items)
+
+    def recommend_many(
+        self,
+        user_ids: Iterable[int],
+        k: int = 10,
+        hour: int | None = None,
+        weekday: int | None = None,
+        mode: str = "ensemble",
+    ) -> list[Recommendation]:
+        """:meth:`recommend` for each user in turn (one request per user, same arguments)."""
+        return [self.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode) for user in user_ids]
+
+    def _pipeline(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Retrieve-then-rank, one call per stage: what the ensemble ``recommend`` does on the server."""
+        infer = self._transport.infer
+        user = infer("user_features", {"user_id": inputs["user_id"]}, ("user_idx", "user_cats", "history"))
+        tower = infer("user_tower", user, ("user_vec",))
+        retrieved = infer("retrieval", tower, ("candidate_idx",))
+        cands = infer(
+            "ranker_inputs",
+            {"user_idx": user["user_idx"], "candidate_idx": retrieved["candidate_idx"]},
+            ("cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec", "cand_valid"),
+        )
+        ranker_inputs = {
+            "user_idx": user["user_idx"],
+            "user_cats": user["user_cats"],
+            "user_vec": tower["user_vec"],
+            "hour": inputs["hour"],
+            "weekday": inputs["weekday"],
+            **{name: cands[name] for name in ("cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec")},
+        }
+        ranked = infer("ranker", ranker_inputs, ("scores",))
+        return infer(
+            "topk",
+            {
+                "rank_scores": ranked["scores"],
+                "candidate_idx": retrieved["candidate_idx"],
+                "cand_valid": cands["cand_valid"],
+                "k": inputs["k"],
+            },
+            TOPK_OUTPUTS,
+        )
