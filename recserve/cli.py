@@ -137,6 +137,11 @@ def serve(
                         host=host, log_verbose=log_verbose))
 
 
+from recserve.client.cli import recommend_command  # noqa: E402
+
+app.command("recommend", help="Ask a running server for top-k recommendations for one user.")(recommend_command)
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
 
@@ -166,3 +171,20 @@ def export_repository_cmd(
     i = m["index"]
     typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {len(m['models'])} models, K={m['candidates']}, "
                f"index {i['spec']['kind']} recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
+
+
+@app.command()
+@clean_errors
+def demo(
+    work: Path = typer.Option(Path("work"), help="Working directory for data and artifacts."),
+    data: Optional[Path] = typer.Option(None, help="MovieLens directory to use instead of synthetic data."),
+    repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
+    http_port: int = typer.Option(8000, help="HTTP port."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Metrics port."),
+    users: int = typer.Option(3, help="How many users to recommend for."),
+):
+    """The whole job: data -> train -> evaluate -> ONNX -> repository -> Triton -> recommendations."""
+    from recserve.demo import run_demo
+
+    run_demo(work, data, repository, http_port, grpc_port, metrics_port, n_users=users)

@@ -45,7 +45,8 @@ def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int) -> d
         hit = np.isin(row, t)
         for k in KS:
             out[f"recall@{k}"] += hit[:k].sum() / len(t)
-        out["ndcg@10"] += (hit[:10] * discounts).sum() / discounts[:min(10, len(t))].sum()
+        # a catalogue under 10 items gives shorter lists
+        out["ndcg@10"] += (hit[:10] * discounts[:len(hit[:10])]).sum() / discounts[:min(10, len(t))].sum()
         out["hr@10"] += float(hit[:10].any())
     n = max(len(truth), 1)
     out = {k: v / n for k, v in out.items()}

@@ -137,12 +137,12 @@ class Reference:
         return cand, valid
 
     def recommend(self, users: np.ndarray, hour: np.ndarray, weekday: np.ndarray, k: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (item indices, ranker scores) for each user, as the `recommend` ensemble computes them."""
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user, (item indices, ranker scores) of the top k, as the `recommend` ensemble computes them."""
+        from recserve.triton_models.topk import top_k
+
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
         cand, valid = self.retrieve(users)
         scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
-        scores = np.where(valid, scores, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
+        return [top_k(scores[r], cand[r], valid[r], k) for r in range(len(users))]

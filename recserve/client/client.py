@@ -29,6 +29,7 @@ PROTOCOLS = ("grpc", "http")
 MODES = ("ensemble", "pipeline")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 TOPK_OUTPUTS = ("item_ids", "scores", "titles")
+_CONNECTION_WORDS = ("connect", "socket", "dns", "unreachable", "name resolution")
 INSTALL_FIX = "pip install 'tritonclient[grpc,http]>=2.50,<2.53'"
 
 
@@ -67,10 +68,19 @@ class Recommendation:
         return [it.item_id for it in self.items]
 
 
-def _server_message(exc: Exception) -> str:
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+def _server_message(exc: Any) -> str:
+    """The server's message without tritonclient's ``[status]`` prefix, on one line."""
+    message = exc.message() or str(exc)
     # Triton's messages can carry a python traceback with escaped newlines: keep the first line.
-    return " ".join(str(message or exc).split("\\n")[0].split()) or type(exc).__name__
+    return " ".join(str(message).split("\\n")[0].split()) or type(exc).__name__
+
+
+def _is_gevent_timeout(exc: BaseException) -> bool:
+    try:
+        from gevent import Timeout
+    except ImportError:
+        return False
+    return isinstance(exc, Timeout)
 
 
 def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: float) -> RecserveError:
@@ -83,9 +93,13 @@ def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: fl
         status = exc.status() or ""
         if "DEADLINE_EXCEEDED" in status:
             return ServerError(timed_out)
-        if "UNAVAILABLE" in status:
-            return ServerError(down)
         message = _server_message(exc)
+        if "UNAVAILABLE" in status:
+            # gRPC's own "failed to connect" / "Socket closed" versus Triton saying a model is not ready.
+            if any(word in message.lower() for word in _CONNECTION_WORDS):
+                return ServerError(down)
+            target = f"model '{model}'" if model else "the server"
+            return ServerError(f"{target} at {where} is unavailable: {message}; wait until the server is ready")
         if "unknown user" in message.lower():
             return UnknownUserError(message)
         target = f"model '{model}'" if model else "the server"
@@ -93,7 +107,7 @@ def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: fl
     if isinstance(exc, ConnectionRefusedError):
         return ServerError(down)
     # socket.timeout is TimeoutError; gevent's Timeout (a BaseException) comes from the HTTP client.
-    if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":
+    if isinstance(exc, TimeoutError) or _is_gevent_timeout(exc):
         return ServerError(timed_out)
     return ServerError(f"{down} ({type(exc).__name__}: {exc})")
 
@@ -127,9 +141,7 @@ class _Transport:
             if protocol == "grpc":
                 self._client = module.InferenceServerClient(url)
             else:
-                self._client = module.InferenceServerClient(
-                    url.removeprefix("http://"), connection_timeout=timeout, network_timeout=timeout
-                )
+                self._client = module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
 
     @contextlib.contextmanager
     def _guard(self, model: str | None) -> Iterator[None]:
@@ -232,7 +244,9 @@ class RecClient:
         if candidates is not None and (not _is_int(candidates) or candidates < 1):
             raise ClientError(f"candidates={candidates!r} must be a positive integer (K of the repository)")
         self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
+        # TritonServer.url("http") includes the scheme; tritonclient's HTTP client refuses one.
+        url = url or DEFAULT_URLS[protocol]
+        self.url = url.removeprefix("http://") if protocol == "http" else url
         self.timeout = float(timeout)
         self._candidates = None if candidates is None else int(candidates)
         self._transport = _Transport(protocol, self.url, self.timeout)

@@ -1,0 +1,383 @@
+"""Static INT8 (QDQ) quantization of the three ONNX models, its accuracy gate, and its report.
+
+Written under ARTIFACTS/onnx/:
+  user_tower.int8.onnx, item_tower.int8.onnx, ranker.int8.onnx   same inputs and outputs as the FP32 files
+  int8.json   settings, per-model report (quantized op types, QDQ node counts, error vs FP32) and gate figures
+and the gate figures under the key "int8" of ARTIFACTS/metrics.json.
+
+Only MatMul/Gemm are quantized: they are where the time goes, and embedding lookups (Gather) stay float
+(an INT8 table would save memory, not time, and would cost accuracy on rare ids). Calibration uses real
+training-period rows drawn with a seed, so two runs on the same artifacts write the same files.
+
+The ranker's input vector concatenates features whose ranges differ by 300x (popularity ~6, the
+elementwise product of unit vectors ~0.02): one per-tensor activation scale rounds the small ones to zero,
+and plain INT8 lost 4-5% ndcg@10 on ML-100K. Before calibration each quantized layer's input channels are
+therefore equalised the SmoothQuant way (Xiao et al. 2023): X W^T == (X / s)(W * s)^T with
+s = max|X|^a / max|W|^(1-a), exact in FP32, which moves range differences from the activations (per-tensor
+scale) into the weights (per-channel scale). It costs one elementwise Mul per quantized input.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from recserve.data.dataset import TEST, TRAIN, Dataset
+from recserve.errors import ArtifactError, GateError
+from recserve.evaluate import RERANK_CANDIDATES, Evaluator
+from recserve.reference import Tables, context_of, ranker_batch, top_k_excluding
+
+MODELS = ("user_tower", "item_tower", "ranker")
+QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
+# uint8 activations x int8 weights is the pair x86 kernels multiply natively (VNNI vpdpbusd takes u8 x s8).
+# With int8 activations ORT 1.31 on x86 left 4 of the ranker's 7 Gemms as DequantizeLinear(weights) + FP32
+# Gemm at run time (slower than FP32); with uint8 all 7 become QGemm. reduce_range (7-bit weights) is only
+# needed on AVX2/AVX-512 CPUs without VNNI, where u8 x s8 products can saturate; this CPU has VNNI.
+ACTIVATION_TYPE = QuantType.QUInt8
+WEIGHT_TYPE = QuantType.QInt8
+# MinMax: after equalisation the activations have no lone outliers to clip, and the extremes matter (the
+# ranker's largest activations belong to the best candidates). Percentile (99.99) and Entropy were no more
+# accurate on ML-100K and slower to calibrate.
+CALIBRATION = CalibrationMethod.MinMax
+SMOOTH_ALPHA = 0.5
+# A quantized layer's output is consumed by float ops (the cross layer's x0 * (Wx + b) + x, Relu, the
+# normalisation): a QGemm with float output skips one Quantize/Dequantize pair and its rounding error.
+EXCLUDE_OUTPUT_QUANTIZATION = True
+MAX_REL_CHANGE = 0.01    # |int8 - fp32| / fp32 of ndcg@10 and recall@50 on the test split
+MIN_OVERLAP = 0.95       # mean |top-100 INT8 towers & top-100 FP32 towers| / 100
+OVERLAP_K = 100
+CAL_CANDIDATES_PER_USER = 20
+
+
+# ---- ONNX Runtime sessions that look like the PyTorch modules, for reference.py and evaluate.py ----------------
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+class OrtModule:
+    """Calls an ONNX Runtime session like a torch module: positional tensors in graph order -> first output."""
+
+    def __init__(self, sess: ort.InferenceSession):
+        self.sess = sess
+        self.names = [i.name for i in sess.get_inputs()]
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        feed = {n: a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for n, a in zip(self.names, args)}
+        return torch.from_numpy(self.sess.run(None, feed)[0])
+
+
+def ort_models(onnx_dir: Path, suffix: str = "", threads: int = 0) -> tuple[SimpleNamespace, OrtModule]:
+    """(two_tower, ranker) stand-ins from `{name}{suffix}.onnx`, for `Evaluator.two_tower_ranker` and friends."""
+    onnx_dir = Path(onnx_dir)
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    towers = SimpleNamespace(
+        user_tower=OrtModule(session(onnx_dir / f"user_tower{suffix}.onnx", threads)),
+        item_tower=OrtModule(session(onnx_dir / f"item_tower{suffix}.onnx", threads)),
+        cfg=SimpleNamespace(dim=meta["dim"], history_len=meta["history_len"]))
+    return towers, OrtModule(session(onnx_dir / f"ranker{suffix}.onnx", threads))
+
+
+def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+
+
+# ---- calibration rows --------------------------------------------------------------------------------------
+
+def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candidates: int = RERANK_CANDIDATES
+                        ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Real training-period inputs for each model, `rows` rows each, drawn reproducibly from `seed`.
+
+    user_tower: training interactions' users with the history they had *before* that interaction (as the
+    tower was trained); item_tower: catalogue items; ranker: training users (context of their last training
+    interaction) against `CAL_CANDIDATES_PER_USER` of the candidates the FP32 towers retrieve for them.
+    """
+    rng = np.random.default_rng(seed)
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    H = meta["history_len"]
+    ut, it = session(onnx_dir / "user_tower.onnx"), session(onnx_dir / "item_tower.onnx")
+    train = np.flatnonzero(ds.mask(TRAIN))
+    if len(train) == 0:
+        raise ArtifactError("the dataset has no training rows to calibrate INT8 models on")
+
+    pick = np.sort(rng.choice(train, min(rows, len(train)), replace=False))
+    users = {"user_idx": ds.users[pick], "user_cats": ds.user_cats[ds.users[pick]],
+             "history": ds.rolling_history(pick, H)}
+    items_idx = np.sort(rng.choice(ds.n_items, min(rows, ds.n_items), replace=False))
+    items = {"item_idx": items_idx, "item_genres": ds.item_genres[items_idx], "item_year": ds.item_year[items_idx]}
+
+    tables = Tables(ds, (TRAIN,), H)
+    iv = run(it, {"item_idx": np.arange(ds.n_items), "item_genres": ds.item_genres, "item_year": ds.item_year})
+    train_users = np.unique(ds.users[train])
+    n_u = min(len(train_users), max(1, math.ceil(rows / CAL_CANDIDATES_PER_USER)))
+    u = np.sort(rng.choice(train_users, n_u, replace=False))
+    f = tables.users(u)
+    uv = run(ut, {"user_idx": f.user_idx, "user_cats": f.user_cats, "history": f.history})
+    cand = top_k_excluding(uv @ iv.T, u, tables, min(candidates, ds.n_items))
+    per = min(cand.shape[1], math.ceil(rows / n_u))
+    cand = np.stack([rng.choice(c, per, replace=False) for c in cand])                     # (n_u, per)
+    last = np.searchsorted(ds.users[train], u, side="right") - 1                           # rows sorted by user
+    hour, weekday = context_of(ds.timestamps[train][last])
+    ranker = ranker_batch(tables, f, uv, hour, weekday, cand, iv)
+    return {"user_tower": _split(users, 256), "item_tower": _split(items, 256),
+            "ranker": _split(ranker, max(1, 256 // per))}
+
+
+def _split(feed: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(feed.values())))
+    return [{k: np.ascontiguousarray(v[s:s + batch]) for k, v in feed.items()} for s in range(0, n, batch)]
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+# ---- equalisation, quantization, inspection ----------------------------------------------------------------
+
+def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: float = SMOOTH_ALPHA) -> int:
+    """Equalise the input channels of every MatMul/Gemm with a constant weight, in place; returns how many inputs.
+
+    For an activation X feeding layers with weights W_j (input channel k): s_k = max|X_k|^a / max_j|W_jk|^(1-a),
+    X -> X / s through one inserted Mul, W_j -> W_j * s. Exact in FP32; see the module docstring for why.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [onnx.NodeProto() for _ in model.graph.node]
+    for copy, node in zip(nodes, model.graph.node):
+        copy.CopyFrom(node)
+    uses = collections.Counter(name for n in nodes for name in n.input)
+    groups: dict[str, list[tuple[int, int]]] = {}          # activation -> [(node index, W's input-channel axis)]
+    for i, node in enumerate(nodes):
+        if node.op_type not in QUANTIZED_OP_TYPES or len(node.input) < 2:
+            continue
+        x, w = node.input[0], node.input[1]
+        attrs = {a.name: a.i for a in node.attribute}
+        if x in inits or w not in inits or uses[w] != 1 or attrs.get("transA", 0):
+            continue
+        groups.setdefault(x, []).append((i, 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0))
+    if not groups:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for x in groups:
+        probe.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(groups)
+    amax: dict[str, np.ndarray] = {}
+    for b in batches:
+        for x, v in zip(names, sess.run(names, {i.name: b[i.name] for i in sess.get_inputs()})):
+            m = np.abs(v.reshape(-1, v.shape[-1])).max(0)                   # per input channel (last axis)
+            amax[x] = np.maximum(amax[x], m) if x in amax else m
+    before: dict[int, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for x, consumers in groups.items():
+        weights = [numpy_helper.to_array(inits[nodes[i].input[1]]) for i, _ in consumers]
+        wmax = np.max([np.abs(w).max(axis=1 - ax) for w, (_, ax) in zip(weights, consumers)], 0)
+        s = (np.maximum(amax[x], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}/smooth_inv"))
+        before[min(i for i, _ in consumers)].append(
+            helper.make_node("Mul", [x, f"{x}/smooth_inv"], [f"{x}/smooth"], name=f"{x}/smooth"))
+        for w, (i, ax) in zip(weights, consumers):
+            w = w * (s[None, :] if ax == 1 else s[:, None])
+            inits[nodes[i].input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), nodes[i].input[1]))
+            nodes[i].input[0] = f"{x}/smooth"
+    del model.graph.node[:]
+    model.graph.node.extend([m for i, n in enumerate(nodes) for m in (*before[i], n)])
+    return len(groups)
+
+
+def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *, alpha: float | None = SMOOTH_ALPHA,
+                   activation_type: QuantType = ACTIVATION_TYPE, calibrate_method: CalibrationMethod = CALIBRATION,
+                   exclude_output: bool = EXCLUDE_OUTPUT_QUANTIZATION, reduce_range: bool = False,
+                   nodes_to_exclude: list[str] | None = None) -> int:
+    """FP32 `src` -> QDQ INT8 `dst`, calibrated on `batches`; returns the number of equalised inputs."""
+    with tempfile.TemporaryDirectory(prefix="recserve-int8-") as tmp:
+        model = onnx.load(str(src))
+        smoothed = smooth(model, batches, alpha) if alpha is not None else 0
+        onnx.save(model, f"{tmp}/smoothed.onnx")
+        # symbolic shape inference + basic graph cleanup: the quantizer needs every tensor's type and shape
+        quant_pre_process(f"{tmp}/smoothed.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
+        extra = {"OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)} if exclude_output else {}
+        quantize_static(f"{tmp}/pre.onnx", str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=reduce_range,
+                        activation_type=activation_type, weight_type=WEIGHT_TYPE, calibrate_method=calibrate_method,
+                        nodes_to_exclude=nodes_to_exclude or [], extra_options=extra)
+    return smoothed
+
+
+def describe(path: Path) -> dict:
+    """What was quantized: op types fed by DequantizeLinear(int8 weight), QDQ node counts, float Gather tables."""
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    counts = collections.Counter(n.op_type for n in g.node)
+
+    def int8_weight(name: str) -> bool:
+        dq = producer.get(name)
+        return (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+                and inits[dq.input[0]].data_type == onnx.TensorProto.INT8)
+
+    quantized = [n for n in g.node if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and int8_weight(n.input[1])]
+    float_ops = [n.name for n in g.node if n.op_type in QUANTIZED_OP_TYPES and n not in quantized]
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits]
+    return {
+        "quantized_op_types": sorted({n.op_type for n in quantized}),
+        "quantized_nodes": len(quantized),
+        "float_matmul_gemm_nodes": float_ops,
+        "qdq_nodes": {"QuantizeLinear": counts["QuantizeLinear"], "DequantizeLinear": counts["DequantizeLinear"]},
+        "float_gather_tables": sum(inits[n.input[0]].data_type == onnx.TensorProto.FLOAT for n in gathers),
+        "quantized_gather_tables": sum(inits[n.input[0]].data_type != onnx.TensorProto.FLOAT for n in gathers),
+        "bytes": path.stat().st_size,
+    }
+
+
+def _output_error(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    a, b = session(fp32), session(int8)
+    want = np.concatenate([run(a, x).reshape(-1) for x in batches])
+    got = np.concatenate([run(b, x).reshape(-1) for x in batches])
+    err = np.abs(got - want)
+    scale = max(float(np.abs(want).max()), 1e-12)
+    return {"rows": int(sum(len(x[next(iter(x))]) for x in batches)), "max_abs_error": float(err.max()),
+            "max_rel_error": float(err.max()) / scale, "mean_rel_error": float(err.mean()) / scale}
+
+
+def quantize_artifacts(artifacts: Path, calibration_rows: int = 2000, seed: int = 0, gate: bool = True) -> dict:
+    """Write ARTIFACTS/onnx/{user_tower,item_tower,ranker}.int8.onnx and int8.json; run the gate unless `gate` is off.
+
+    Raises GateError (after removing the INT8 files, so nothing ungated can be packaged) when the gate fails.
+    """
+    artifacts = Path(artifacts)
+    onnx_dir = artifacts / "onnx"
+    missing = [f"{n}.onnx" for n in MODELS if not (onnx_dir / f"{n}.onnx").exists()]
+    if missing or not (onnx_dir / "export.json").exists():
+        raise ArtifactError(f"{onnx_dir} lacks {', '.join(missing) or 'export.json'}: run "
+                            f"`recserve export onnx --artifacts {artifacts}` first")
+    if calibration_rows < 1:
+        raise ArtifactError(f"calibration_rows must be at least 1, got {calibration_rows}")
+    ds = Dataset.load(artifacts / "dataset.npz")
+    batches = calibration_batches(ds, onnx_dir, calibration_rows, seed)
+    check = calibration_batches(ds, onnx_dir, min(calibration_rows, 1000), seed + 1)   # other rows, for the report
+    report: dict = {
+        "format": 1, "onnxruntime": ort.__version__, "seed": seed,
+        "settings": {"quant_format": "QDQ", "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
+                     "activations": f"{ACTIVATION_TYPE.name} per tensor, asymmetric",
+                     "weights": f"{WEIGHT_TYPE.name} per channel, symmetric", "calibration": CALIBRATION.name,
+                     "smooth_alpha": SMOOTH_ALPHA, "output_quantization": not EXCLUDE_OUTPUT_QUANTIZATION},
+        "models": {}, "gate": None,
+    }
+    for name in MODELS:
+        src, dst = onnx_dir / f"{name}.onnx", onnx_dir / f"{name}.int8.onnx"
+        smoothed = quantize_model(src, dst, batches[name])
+        rows = int(sum(len(b[next(iter(b))]) for b in batches[name]))
+        report["models"][name] = {"file": dst.name, "calibration_rows": rows, "smoothed_inputs": smoothed,
+                                  **describe(dst), "fp32_bytes": src.stat().st_size,
+                                  "error_vs_fp32": _output_error(src, dst, check[name])}
+    _write_report(onnx_dir, report)
+    if gate:
+        try:
+            report["gate"] = int8_gate(artifacts)
+        except GateError:
+            for name in MODELS:
+                (onnx_dir / f"{name}.int8.onnx").unlink(missing_ok=True)
+            raise
+    return report
+
+
+# ---- the gate -------------------------------------------------------------------------------------------------
+
+def retrieval_overlap(ev: Evaluator, a: SimpleNamespace, b: SimpleNamespace, k: int = OVERLAP_K) -> float:
+    """Mean over the evaluator's users of |top-k by towers a & top-k by towers b| / k (exact, known items excluded)."""
+    from recserve.reference import item_vectors, user_vectors
+
+    tops = []
+    for towers in (a, b):
+        iv = item_vectors(towers, ev.ds)
+        uv = user_vectors(towers, ev.tables.users(ev.users))
+        tops.append(top_k_excluding(uv @ iv.T, ev.users, ev.tables, k))
+    k = tops[0].shape[1]
+    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(*tops)])) if len(ev.users) else 1.0
+
+
+def _rel(new: float, old: float) -> float:
+    if old == 0:
+        return 0.0 if new == 0 else math.inf
+    return (new - old) / old
+
+
+def int8_gate(artifacts: Path, max_rel_change: float = MAX_REL_CHANGE, min_overlap: float = MIN_OVERLAP) -> dict:
+    """FP32 vs INT8 ONNX models on the test split; records the figures, raises GateError when one is out of bounds.
+
+    Figures: ndcg@10 and recall@50 of two_tower+ranker (relative change |int8 - fp32| / fp32 <= max_rel_change)
+    and the top-100 overlap of exact retrieval by INT8 vs FP32 towers (>= min_overlap).
+    """
+    artifacts = Path(artifacts)
+    onnx_dir = artifacts / "onnx"
+    missing = [f"{n}.int8.onnx" for n in MODELS if not (onnx_dir / f"{n}.int8.onnx").exists()]
+    if missing:
+        raise ArtifactError(f"{onnx_dir} lacks {', '.join(missing)}: run quantization first")
+    ds = Dataset.load(artifacts / "dataset.npz")
+    fp32_towers, fp32_ranker = ort_models(onnx_dir)
+    int8_towers, int8_ranker = ort_models(onnx_dir, ".int8")
+    ev = Evaluator(ds, TEST, fp32_towers.cfg.history_len)
+    fp32 = ev.two_tower_ranker(fp32_towers, fp32_ranker)
+    int8 = ev.two_tower_ranker(int8_towers, int8_ranker)
+    rel = {m: round(_rel(int8[m], fp32[m]), 6) for m in ("ndcg@10", "recall@50")}
+    overlap = round(retrieval_overlap(ev, int8_towers, fp32_towers), 6)
+    failed = [f"{m} relative change {rel[m]:+.4f} (fp32 {fp32[m]:.5f}, int8 {int8[m]:.5f}) is outside "
+              f"the limit +-{max_rel_change:g}" for m in rel if not abs(rel[m]) <= max_rel_change]
+    if not overlap >= min_overlap:
+        failed.append(f"top{OVERLAP_K}_overlap {overlap:.4f} is below the limit {min_overlap:g}")
+    figures = {
+        "split": "test", "users": int(len(ev.users)), "rerank_candidates": RERANK_CANDIDATES,
+        "runtime": f"onnxruntime {ort.__version__} CPU, FP32 vs INT8 ONNX models",
+        "two_tower+ranker": {"fp32": fp32, "int8": int8}, "rel_change": rel, f"top{OVERLAP_K}_overlap": overlap,
+        "limits": {"max_abs_rel_change": max_rel_change, f"min_top{OVERLAP_K}_overlap": min_overlap},
+        "passed": not failed, "failed": failed,
+    }
+    _merge_json(artifacts / "metrics.json", "int8", figures)
+    report = int8_report(artifacts) or {}
+    report["gate"] = figures
+    _write_report(onnx_dir, report)
+    if failed:
+        raise GateError("INT8 accuracy gate failed: " + "; ".join(failed) + ". Calibrate on more rows "
+                        "(calibration_rows, e.g. 8000) or serve the FP32 models (--precision fp32).")
+    return figures
+
+
+def _merge_json(path: Path, key: str, value) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _write_report(onnx_dir: Path, report: dict) -> None:
+    (onnx_dir / "int8.json").write_text(json.dumps(report, indent=2))
+
+
+def int8_report(artifacts: Path) -> dict | None:
+    """ARTIFACTS/onnx/int8.json (settings, per-model report, gate figures), or None before quantization."""
+    path = Path(artifacts) / "onnx" / "int8.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+__all__ = ["quantize_artifacts", "int8_gate", "int8_report", "OrtModule", "ort_models", "MAX_REL_CHANGE",
+           "MIN_OVERLAP"]

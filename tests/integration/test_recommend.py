@@ -1,0 +1,171 @@
+"""The served repository against the in-process reference: same users, same answers."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+
+from recserve.client import RecClient
+from recserve.errors import ClientError, UnknownUserError
+from recserve.reference import Reference
+
+PROTOCOLS = ("grpc", "http")
+SCORE_RTOL = 1e-4   # ONNX Runtime vs PyTorch through the whole pipeline
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    return Reference(served.artifacts, target=None, candidates=served.manifest["candidates"])
+
+
+def user_ids(served, n=6):
+    return np.load(served.artifacts / "onnx" / "user_features.npz")["user_ids"][:n].tolist()
+
+
+def test_every_model_in_the_manifest_is_ready(served):
+    client = grpcclient.InferenceServerClient(served.url("grpc"))
+    assert client.is_server_ready()
+    for name in served.manifest["models"]:
+        assert client.is_model_ready(name), f"{name} is not READY"
+    assert set(served.manifest["models"]) >= {"recommend", "user_tower", "item_tower", "ranker", "retrieval"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_ensemble_and_client_pipeline_return_the_same_items_in_the_same_order(served, protocol):
+    with RecClient(served.url(protocol), protocol) as client:
+        for user in user_ids(served):
+            ens = client.recommend(user, k=10, hour=20, weekday=4, mode="ensemble")
+            pipe = client.recommend(user, k=10, hour=20, weekday=4, mode="pipeline")
+            assert len(ens.items) == 10
+            assert [i.item_id for i in ens.items] == [i.item_id for i in pipe.items]
+            np.testing.assert_allclose([i.score for i in ens.items], [i.score for i in pipe.items], rtol=1e-6)
+
+
+def assert_same_ranking(got_ids, got_scores, want_ids, want_scores):
+    """Same items in the same order; a swap is only tolerated between scores equal within SCORE_RTOL."""
+    np.testing.assert_allclose(got_scores, want_scores, rtol=SCORE_RTOL, atol=1e-4)
+    for pos, (g, w) in enumerate(zip(got_ids, want_ids)):
+        if g != w:
+            j = list(want_ids).index(g) if g in want_ids else None
+            assert j is not None and abs(want_scores[j] - want_scores[pos]) <= 1e-4 * max(1, abs(want_scores[pos])), \
+                f"position {pos}: served {g}, reference {w}"
+
+
+def test_served_recommendations_equal_the_pytorch_exact_search_reference(served, reference):
+    users = user_ids(served)
+    idx = np.searchsorted(reference.ds.user_ids, users)
+    want = reference.recommend(idx, hour=np.full(len(idx), 9), weekday=np.full(len(idx), 1), k=10)
+    with RecClient(served.url("grpc"), "grpc") as client:
+        for user, (items, scores) in zip(users, want):
+            got = client.recommend(user, k=10, hour=9, weekday=1)
+            assert_same_ranking([i.item_id for i in got.items], [i.score for i in got.items],
+                                reference.ds.item_ids[items].tolist(), scores.tolist())
+            assert [i.title for i in got.items] == reference.ds.titles[items].tolist()
+
+
+def test_recommendations_exclude_items_the_user_already_has(served, reference):
+    user = user_ids(served, 1)[0]
+    u = int(np.searchsorted(reference.ds.user_ids, user))
+    seen = set(reference.ds.item_ids[reference.tables.seen_of(u)].tolist())
+    with RecClient(served.url("http"), "http") as client:
+        got = {i.item_id for i in client.recommend(user, k=30).items}
+    assert got and not (got & seen)
+
+
+def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
+    client = grpcclient.InferenceServerClient(served.url("grpc"))
+
+    def before(model):
+        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+    models = ("user_features", "user_tower", "retrieval", "ranker")
+    start = {m: before(m) for m in models}
+    users = user_ids(served, 20)
+
+    def call(u):
+        with RecClient(served.url("grpc"), "grpc") as c:
+            return len(c.recommend(u, k=5).items)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        assert all(n == 5 for n in pool.map(call, users * 8))
+    for m in models:
+        inferences, executions = (a - b for a, b in zip(before(m), start[m]))
+        assert inferences == len(users) * 8, m
+        assert executions < inferences, f"{m}: {executions} executions for {inferences} inferences: no batching"
+
+
+def test_http_json_request_as_in_the_readme_curl_example(served):
+    user = user_ids(served, 1)[0]
+    body = {"inputs": [
+        {"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [user]},
+        {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [5]},
+        {"name": "hour", "shape": [1, 1], "datatype": "INT64", "data": [12]},
+        {"name": "weekday", "shape": [1, 1], "datatype": "INT64", "data": [0]},
+    ]}
+    r = requests.post(f"http://{served.url('http')}/v2/models/recommend/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["item_ids"]["shape"] == [1, 5] and len(outputs["titles"]["data"]) == 5
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unknown_user_and_bad_k_get_clear_typed_errors(served, protocol):
+    with RecClient(served.url(protocol), protocol) as client:
+        with pytest.raises(UnknownUserError, match="unknown user_id 987654321"):
+            client.recommend(987654321, k=5)
+        for bad_k in (0, served.manifest["candidates"] + 1):
+            with pytest.raises(ClientError, match=f"k={bad_k}"):
+                client.recommend(user_ids(served, 1)[0], k=bad_k)
+        assert len(client.recommend(user_ids(served, 1)[0], k=3).items) == 3   # server still healthy
+
+
+def test_server_refuses_an_index_built_from_another_item_tower(served, tmp_path):
+    import json
+    import shutil
+
+    from recserve.errors import ServerError
+    from recserve.server import TritonServer, free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(served.repository, repo)
+    meta_path = repo / "retrieval" / "1" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta["item_tower_sha256"] = "0" * 64          # as if the index came from another export
+    meta_path.write_text(json.dumps(meta))
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "log.txt")
+    with pytest.raises(ServerError, match="retrieval"):
+        with server:
+            pass
+    assert not server.is_alive
+    assert "item tower" in (tmp_path / "log.txt").read_text()
+
+
+def test_manifest_holds_the_sha256_of_every_file_and_the_index_recall(served):
+    from recserve.export.repository import sha256_of
+
+    # __pycache__ is the python backend's runtime cache, not an artifact
+    files = {str(p.relative_to(served.repository)) for p in served.repository.rglob("*")
+             if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.parts}
+    assert set(served.manifest["sha256"]) == files
+    for rel, digest in served.manifest["sha256"].items():
+        assert sha256_of(served.repository / rel) == digest, rel
+    assert served.manifest["index"]["recall_vs_exact"] == 1.0     # flat index below 100k items
+
+
+def test_native_flavor_repository_is_written_and_every_config_parses(artifacts, tmp_path):
+    from recserve.export.repository import RepoOptions, parse, write_repository
+
+    manifest = write_repository(artifacts, tmp_path / "native", RepoOptions(flavor="native", candidates=40))
+    platforms = {}
+    for name in manifest["models"]:
+        cfg = parse((tmp_path / "native" / name / "config.pbtxt").read_text())
+        assert cfg.name == name
+        platforms[name] = cfg.platform or cfg.backend
+    assert platforms["ranker"] == platforms["user_tower"] == "onnxruntime_onnx"
+    assert platforms["recommend"] == "ensemble" and platforms["retrieval"] == "python"
+    assert not (tmp_path / "native" / "ranker" / "1" / "model.py").exists()

@@ -1,0 +1,67 @@
+"""The `recserve` command through typer's CliRunner: the offline stages in order, and clean one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recserve.cli import app
+from recserve.evaluate import METRICS, MODELS
+
+pytestmark = pytest.mark.unit
+
+EPOCHS = ["--tower-epochs", "1", "--mf-epochs", "1", "--ranker-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _error_line(result) -> str:
+    """The single line an expected failure prints; no traceback anywhere."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_synth_train_evaluate(runner: CliRunner, tmp_path: Path):
+    data, artifacts = tmp_path / "data", tmp_path / "artifacts"
+    result = runner.invoke(app, ["data", "synth", "--out", str(data), "--users", "120", "--items", "80",
+                                 "--interactions", "2400", "--categories", "6", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert "users" in result.output and str(data) in result.output
+    assert {p.name for p in data.iterdir()} == {"ratings.dat", "movies.dat", "users.dat"}
+
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(artifacts), *EPOCHS, "--quiet"])
+    assert result.exit_code == 0, result.output
+    for name in ("dataset.npz", "popularity.npz", "mf.pt", "two_tower.pt", "ranker.pt", "train.json"):
+        assert (artifacts / name).is_file(), name
+
+    result = runner.invoke(app, ["evaluate", "--artifacts", str(artifacts)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    header = lines[-5].split()
+    assert header == ["model", *METRICS]
+    assert [line.split()[0] for line in lines[-4:]] == list(MODELS)
+    for line in lines[-4:]:
+        assert all(0.0 <= float(v) <= 1.0 for v in line.split()[1:]), line
+    assert (artifacts / "metrics.json").is_file()
+
+
+def test_train_on_a_missing_directory_is_one_clean_line(runner: CliRunner, tmp_path: Path):
+    missing = tmp_path / "nonexistent"
+    result = runner.invoke(app, ["train", "--data", str(missing), "--out", str(tmp_path / "a"), *EPOCHS, "--quiet"])
+    line = _error_line(result)
+    assert str(missing) in line and "does not exist" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_evaluate_without_artifacts_is_one_clean_line(runner: CliRunner, tmp_path: Path):
+    result = runner.invoke(app, ["evaluate", "--artifacts", str(tmp_path)])
+    line = _error_line(result)
+    assert str(tmp_path / "dataset.npz") in line and "missing" in line and "recserve train" in line

@@ -1,0 +1,212 @@
+"""RecClient and `recserve recommend` without a server: validation, error mapping, JSON shape."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from recserve.client import RecClient, Recommendation, RecommendedItem
+from recserve.client.cli import format_table, recommend_command
+from recserve.client.client import _map_error
+from recserve.errors import ClientError, ServerError, UnknownUserError
+from recserve.server import free_port
+
+pytestmark = pytest.mark.unit
+
+PROTOCOLS = ("grpc", "http")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> RecClient:
+    """A client with K=500 whose transport fails the test if anything reaches the network."""
+    client = RecClient("127.0.0.1:1", protocol="grpc", timeout=1.0, candidates=500)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the request reached the network before validation")
+
+    monkeypatch.setattr(client._transport, "infer", no_network)
+    monkeypatch.setattr(client._transport, "model_config", no_network)
+    return client
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections but never answers: every call times out."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+def test_default_url_follows_protocol() -> None:
+    assert RecClient(protocol="grpc").url == "127.0.0.1:8001"
+    assert RecClient(protocol="http").url == "127.0.0.1:8000"
+    assert RecClient("example:9", protocol="http").url == "example:9"
+    assert RecClient("http://example:9", protocol="http").url == "example:9"
+
+
+@pytest.mark.parametrize("k", [0, -3, 501])
+def test_k_out_of_range_is_refused_before_any_call(offline: RecClient, k: int) -> None:
+    with pytest.raises(ClientError, match=rf"^k={k} is out of range: choose 1\.\.500$"):
+        offline.recommend(1, k=k)
+
+
+def test_k_not_an_integer_is_refused(offline: RecClient) -> None:
+    with pytest.raises(ClientError, match=r"k=2\.5 is out of range"):
+        offline.recommend(1, k=2.5)  # type: ignore[arg-type]
+
+
+def test_k_below_one_is_refused_without_knowing_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = RecClient(f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(client._transport, "model_config", lambda model: pytest.fail("asked the server for K"))
+    with pytest.raises(ClientError, match=r"^k=0 is out of range: choose 1\.\.K"):
+        client.recommend(1, k=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"hour": 24}, r"^hour=24 is out of range: choose 0\.\.23$"),
+        ({"hour": -1}, r"^hour=-1 is out of range"),
+        ({"weekday": 7}, r"^weekday=7 is out of range: choose 0\.\.6$"),
+        ({"mode": "batch"}, r"^mode='batch' is not supported: choose 'ensemble' or 'pipeline'$"),
+        ({"user_id": "42"}, r"^user_id='42' is not a 64-bit integer"),
+        ({"user_id": 2**63}, r"is not a 64-bit integer"),
+    ],
+)
+def test_bad_arguments_are_refused(offline: RecClient, kwargs: dict, pattern: str) -> None:
+    args = {"user_id": 1, **kwargs}
+    with pytest.raises(ClientError, match=pattern):
+        offline.recommend(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"protocol": "rest"}, r"^protocol='rest' is not supported: choose 'grpc' or 'http'$"),
+        ({"timeout": 0}, r"^timeout=0 must be a positive number"),
+        ({"candidates": 0}, r"^candidates=0 must be a positive integer"),
+    ],
+)
+def test_bad_client_settings_are_refused(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ClientError, match=pattern):
+        RecClient(**kwargs)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_server_down_is_a_server_error(protocol: str) -> None:
+    url = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with RecClient(url, protocol=protocol, timeout=2.0) as client:
+        assert client.is_ready() is False
+        with pytest.raises(ServerError) as info:
+            client.recommend(1, k=5)
+    assert str(info.value) == f"no Triton server answers at {url} ({protocol}): start one with `recserve serve`"
+    assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_silent_server_times_out(protocol: str, silent_port: int) -> None:
+    client = RecClient(f"127.0.0.1:{silent_port}", protocol=protocol, timeout=0.5, candidates=10)
+    start = time.monotonic()
+    with pytest.raises(ServerError, match=rf"^the Triton server at 127\.0\.0\.1:{silent_port} \({protocol}\) "
+                                          r"timed out after 0\.5 s"):
+        client.recommend(1, k=5, mode="pipeline")
+    assert time.monotonic() - start < 5.0
+    client.close()
+
+
+def test_server_messages_map_to_typed_errors() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    def mapped(exc: BaseException):
+        return _map_error(exc, model="user_features", where="h:1 (grpc)", timeout=3.0)
+
+    unknown = mapped(InferenceServerException("in ensemble 'recommend', unknown user_id 999: not in the data",
+                                              status="StatusCode.INVALID_ARGUMENT"))
+    assert type(unknown) is UnknownUserError
+    assert str(unknown) == "in ensemble 'recommend', unknown user_id 999: not in the data"
+    other = mapped(InferenceServerException("Request for unknown model: 'user_features' is not found", status="400"))
+    assert type(other) is ClientError
+    assert str(other) == ("model 'user_features' at h:1 (grpc) rejected the request: "
+                          "Request for unknown model: 'user_features' is not found")
+    traceback = mapped(InferenceServerException("boom\\nTraceback (most recent call last):\\n  File x", status="500"))
+    assert str(traceback).endswith("rejected the request: boom")
+    assert str(mapped(InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"))) == (
+        "the Triton server at h:1 (grpc) timed out after 3 s; raise --timeout or check the server")
+    assert isinstance(mapped(ConnectionRefusedError(111, "refused")), ServerError)
+    assert "timed out after 3 s" in str(mapped(TimeoutError("timed out")))
+    gaierror = mapped(socket.gaierror(-2, "Name or service not known"))
+    assert isinstance(gaierror, ServerError) and "Name or service not known" in str(gaierror)
+
+
+def test_gevent_timeout_is_a_timeout() -> None:
+    gevent = pytest.importorskip("gevent")
+    error = _map_error(gevent.Timeout(1.0), model="recommend", where="h:1 (http)", timeout=1.0)
+    assert isinstance(error, ServerError) and "timed out after 1 s" in str(error)
+
+
+def test_recommendation_json_shape() -> None:
+    rec = Recommendation(user=7, mode="ensemble", items=[RecommendedItem(12, 0.5, "Heat (1995)"),
+                                                         RecommendedItem(3, 0.25, "Amélie")])
+    expected = {
+        "user": 7,
+        "mode": "ensemble",
+        "items": [
+            {"item_id": 12, "score": 0.5, "title": "Heat (1995)"},
+            {"item_id": 3, "score": 0.25, "title": "Amélie"},
+        ],
+    }
+    assert rec.as_dict() == expected
+    assert json.loads(rec.to_json()) == expected
+    assert "\n" not in rec.to_json()
+    assert rec.item_ids == [12, 3]
+    table = format_table(rec).splitlines()
+    assert table[0].split() == ["rank", "item_id", "score", "title"]
+    assert table[1].split() == ["1", "12", "0.5000", "Heat", "(1995)"]
+
+
+def cli_app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command("recommend")(recommend_command)
+
+    @app.command("noop")
+    def noop() -> None:  # a second command keeps `recommend` a subcommand, as in recserve.cli
+        """Nothing."""
+
+    return app
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cli_server_down_prints_one_error_line(protocol: str) -> None:
+    runner = CliRunner()
+    url = f"127.0.0.1:{free_port()}"
+    result = runner.invoke(cli_app(), ["recommend", "--user", "1", "-k", "3", "--protocol", protocol,
+                                       "--url", url, "--timeout", "2", "--json"])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: no Triton server answers at {url} ({protocol}): start one with `recserve serve`"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_bad_mode_is_one_error_line() -> None:
+    result = CliRunner().invoke(cli_app(), ["recommend", "--user", "1", "--mode", "fast"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: mode='fast' is not supported: choose 'ensemble' or 'pipeline'"
+
+
+def test_unavailable_model_is_not_mistaken_for_a_dead_server() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    error = _map_error(InferenceServerException("Request for unknown model: 'ranker' is not ready",
+                                                status="StatusCode.UNAVAILABLE"),
+                       model="ranker", where="h:1 (grpc)", timeout=1.0)
+    assert type(error) is ServerError
+    assert str(error).startswith("model 'ranker' at h:1 (grpc) is unavailable: Request for unknown model")
