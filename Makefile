@@ -12,7 +12,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: venv demo test unit lint bench clean
+.PHONY: venv demo test unit lint bench bench-serving perf locust ml100k clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,26 @@ lint: venv
 
 bench: venv
 	$(BIN)/recserve bench int8 --artifacts $(ARTIFACTS)
+
+# Serving benchmark: starts its own server on free ports (run `make demo` first for the artifacts).
+bench-serving: venv
+	$(BIN)/python loadtest/bench_serving.py --repository $(REPOSITORY) --artifacts $(ARTIFACTS) \
+	  --duration 10 --concurrency 1,8 --json $(WORK)/bench_serving.json
+
+# These two need a running server: `$(BIN)/recserve serve --repository $(REPOSITORY)` in another shell.
+perf: venv
+	loadtest/perf_analyzer.sh --url 127.0.0.1:$(GRPC_PORT) --users-from $(ARTIFACTS)/onnx/user_features.npz \
+	  --csv $(WORK)/perf_recommend.csv
+
+locust: venv
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u 16 -r 4 -t 30s --host 127.0.0.1:$(GRPC_PORT) \
+	  --protocol grpc --users-from $(ARTIFACTS)/onnx/user_features.npz --csv $(WORK)/locust
+
+# The README's MovieLens-100K figures (needs ../shared/datasets/ml-100k or ML100K=DIR).
+ML100K ?= ../shared/datasets/ml-100k
+ml100k: venv
+	$(BIN)/recserve train --data $(ML100K) --out $(WORK)/ml100k
+	$(BIN)/recserve evaluate --artifacts $(WORK)/ml100k
 
 clean:
 	rm -rf $(WORK) $(VENV)

@@ -59,6 +59,10 @@ MAX_REL_CHANGE = 0.01    # |int8 - fp32| / fp32 of ndcg@10 and recall@50 on the 
 MIN_OVERLAP = 0.95       # mean |top-100 INT8 towers & top-100 FP32 towers| / 100
 OVERLAP_K = 100
 CAL_CANDIDATES_PER_USER = 20
+# Layers with fewer weights stay float: the ranker's 19x8 genre projection and 398x1 head, the item tower's
+# 19x16 genre projection. Their FP32 cost is negligible, and Quantize/Dequantize around them would cost more
+# time than they save and add rounding on the ranker's final score.
+MIN_QUANTIZED_WEIGHTS = 4096
 
 
 # ---- ONNX Runtime sessions that look like the PyTorch modules, for reference.py and evaluate.py ----------------
@@ -154,8 +158,18 @@ class _Reader(CalibrationDataReader):
 
 # ---- equalisation, quantization, inspection ----------------------------------------------------------------
 
-def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: float = SMOOTH_ALPHA) -> int:
-    """Equalise the input channels of every MatMul/Gemm with a constant weight, in place; returns how many inputs.
+def large_layers(model: onnx.ModelProto, min_weights: int = MIN_QUANTIZED_WEIGHTS) -> tuple[list[str], list[str]]:
+    """(names of MatMul/Gemm nodes with a constant weight of at least `min_weights` elements, the other ones)."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    mm = [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES]
+    big = [n.name for n in mm if len(n.input) > 1 and sizes.get(n.input[1], 0) >= min_weights]
+    return big, [n.name for n in mm if n.name not in big]
+
+
+def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: float = SMOOTH_ALPHA,
+           only: list[str] | None = None) -> int:
+    """Equalise the input channels of the MatMul/Gemm nodes named in `only` (default: all those with a constant
+    weight), in place; returns how many activations were equalised.
 
     For an activation X feeding layers with weights W_j (input channel k): s_k = max|X_k|^a / max_j|W_jk|^(1-a),
     X -> X / s through one inserted Mul, W_j -> W_j * s. Exact in FP32; see the module docstring for why.
@@ -167,7 +181,8 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
     uses = collections.Counter(name for n in nodes for name in n.input)
     groups: dict[str, list[tuple[int, int]]] = {}          # activation -> [(node index, W's input-channel axis)]
     for i, node in enumerate(nodes):
-        if node.op_type not in QUANTIZED_OP_TYPES or len(node.input) < 2:
+        wanted = node.name in only if only is not None else node.op_type in QUANTIZED_OP_TYPES
+        if not wanted or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
         attrs = {a.name: a.i for a in node.attribute}
@@ -207,11 +222,12 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
 def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *, alpha: float | None = SMOOTH_ALPHA,
                    activation_type: QuantType = ACTIVATION_TYPE, calibrate_method: CalibrationMethod = CALIBRATION,
                    exclude_output: bool = EXCLUDE_OUTPUT_QUANTIZATION, reduce_range: bool = False,
-                   nodes_to_exclude: list[str] | None = None) -> int:
+                   min_weights: int = MIN_QUANTIZED_WEIGHTS) -> int:
     """FP32 `src` -> QDQ INT8 `dst`, calibrated on `batches`; returns the number of equalised inputs."""
     with tempfile.TemporaryDirectory(prefix="recserve-int8-") as tmp:
         model = onnx.load(str(src))
-        smoothed = smooth(model, batches, alpha) if alpha is not None else 0
+        quantize, keep_float = large_layers(model, min_weights)
+        smoothed = smooth(model, batches, alpha, quantize) if alpha is not None else 0
         onnx.save(model, f"{tmp}/smoothed.onnx")
         # symbolic shape inference + basic graph cleanup: the quantizer needs every tensor's type and shape
         quant_pre_process(f"{tmp}/smoothed.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
@@ -219,7 +235,7 @@ def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *
         quantize_static(f"{tmp}/pre.onnx", str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=reduce_range,
                         activation_type=activation_type, weight_type=WEIGHT_TYPE, calibrate_method=calibrate_method,
-                        nodes_to_exclude=nodes_to_exclude or [], extra_options=extra)
+                        nodes_to_quantize=quantize, nodes_to_exclude=keep_float, extra_options=extra)
     return smoothed
 
 
