@@ -169,6 +169,8 @@ def export_repository_cmd(
     m = write_repository(artifacts, repository, RepoOptions(flavor=flavor, precision=precision, candidates=candidates,
                                                             index=IndexSpec(index, nlist, nprobe), instances=instances))
     i = m["index"]
+    if m["tensorrt"]["note"] and not m["tensorrt"]["engines"]:
+        typer.echo(m["tensorrt"]["note"])
     typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {len(m['models'])} models, K={m['candidates']}, "
                f"index {i['spec']['kind']} recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
 

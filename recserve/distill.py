@@ -91,7 +91,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def _scores(model: Ranker, data: dict[str, torch.Tensor], rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def _scores(model: Ranker, data: dict[str, torch.Tensor], rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     model.eval()
     return torch.cat([model(*[data[k][rows[s:s + chunk]] for k in RANKER_INPUTS]) for s in range(0, len(rows), chunk)])
 

@@ -103,6 +103,9 @@ class Evaluator:
             cand = top_k_excluding(uv @ iv.T, u, self.tables, candidates)
             sl = slice(s, s + batch)
             scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl], cand, iv))
+            # known items fill the candidate list when the catalogue is small: the ranker must not bring them back
+            known = np.stack([np.isin(c, self.tables.seen_of(x)) for c, x in zip(cand, u)])
+            scores = np.where(known, -np.inf, scores)
             tops.append(np.take_along_axis(cand, np.argsort(-scores, axis=1, kind="stable")[:, :max(KS)], 1))
         return ranking_metrics(np.concatenate(tops), self.truth, self.ds.n_items)
 

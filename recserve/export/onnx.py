@@ -107,7 +107,8 @@ def export_onnx(artifacts: Path, verify_batch: int = 64) -> dict:
                                   "outputs": {o.name: [o.type, o.shape] for o in sess.get_outputs()}, **errors}
     write_tables(ds, two_tower, ranker, out)
     report.update(fingerprint=ds.fingerprint, n_users=ds.n_users, n_items=ds.n_items, dim=D, history_len=H,
-                  n_genres=ds.n_genres, user_cat_names=ds.user_cat_names, normalized=True, metric="inner_product")
+                  n_genres=ds.n_genres, user_cat_names=ds.user_cat_names, user_cat_cards=ds.user_cat_cards,
+                  normalized=True, metric="inner_product")
     (out / "export.json").write_text(json.dumps(report, indent=2))
     return report
 

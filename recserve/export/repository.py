@@ -47,6 +47,7 @@ class RepoOptions:
     index: IndexSpec = field(default_factory=IndexSpec)
     instances: int = 1
     intra_op_threads: int = 0         # 0 = ONNX Runtime's default
+    tensorrt: bool = False            # set by write_repository when engines were built
     recall_k: int = 100
 
     def validate(self) -> None:
@@ -117,7 +118,10 @@ def model_config(name: str, meta: dict, opts: RepoOptions) -> dict:
                  "dynamic_batching": _batching(batch),
                  "instance_group": [{"count": opts.instances, "kind": "KIND_CPU"}]}
     native_onnx = name in ONNX_MODELS and opts.flavor == "native"
-    if native_onnx:
+    if native_onnx and opts.tensorrt:
+        cfg["platform"] = "tensorrt_plan"
+        cfg["default_model_filename"] = "model.plan"
+    elif native_onnx:
         cfg["platform"] = "onnxruntime_onnx"
         cfg["default_model_filename"] = "model.onnx"
         if opts.intra_op_threads:
@@ -204,11 +208,19 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
     elif opts.precision != "fp32":
         raise ArtifactError(f"--precision {opts.precision!r} is not known: choose fp32 or int8")
 
+    tensorrt_note = None
+    if opts.flavor == "native" and opts.precision == "int8":
+        from recserve.export.tensorrt import tensorrt_status
+
+        opts.tensorrt, tensorrt_note = tensorrt_status()
+
     repository.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-", dir=repository.parent))
     try:
         for name in ONNX_MODELS:
-            _write_model(tmp, name, model_config(name, meta, opts), {"model.onnx": model_files[name]},
+            files = ({"model.plan": _tensorrt_plan(tmp, name, model_files[name], meta, opts)} if opts.tensorrt
+                     else {"model.onnx": model_files[name]})
+            _write_model(tmp, name, model_config(name, meta, opts), files,
                          shim="onnx_model" if opts.flavor == "embedded" else None)
         tables = {"user_features": ["user_features.npz"], "retrieval": [],
                   "ranker_inputs": ["item_features.npz", "user_features.npz", "item_embeddings.npy"],
@@ -223,6 +235,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model_version": 1, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
             "precision": opts.precision, "candidates": opts.candidates, "index": index_info,
+            "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
             "models": sorted([*ONNX_MODELS, *PY_MODELS, "recommend"]),
             "sha256": {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
@@ -260,6 +273,20 @@ def _write_index(dest: Path, onnx_dir: Path, opts: RepoOptions, queries: np.ndar
             "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"}
     (dest / "index.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _tensorrt_plan(tmp: Path, name: str, onnx_path: Path, meta: dict, opts: RepoOptions) -> Path:
+    """Build a TensorRT engine for one model, profiles matched to its batcher, checked against ONNX Runtime."""
+    from recserve.export.tensorrt import build_engine, verify_engine
+
+    batch = CANDIDATE_LEVEL_BATCH if name == "ranker" else USER_LEVEL_BATCH
+    row_dims = {t["name"]: ([] if t.get("reshape") is not None else t["dims"])
+                for t in model_io(meta, opts.candidates)[name][0]}
+    plan = tmp / f".{name}.plan"
+    build_engine(onnx_path, plan, row_dims, batch["preferred"], batch["max_batch_size"], int8=True)
+    fp32 = onnx_path.with_name(f"{name}.onnx")
+    verify_engine(plan, fp32, name, meta, opts.candidates)
+    return plan
 
 
 def _int8_files(artifacts: Path) -> dict[str, Path]:

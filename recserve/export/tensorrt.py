@@ -101,3 +101,36 @@ class EngineRunner:
         self.context.execute_async_v3(stream.cuda_stream)
         stream.synchronize()
         return {n: t.cpu().numpy() for n, t in outs.items()}
+
+
+ENGINE_MAX_REL_ERROR = 0.05     # INT8 engine vs ONNX Runtime FP32, relative to the output scale
+ENGINE_MIN_TOP10_OVERLAP = 0.9  # ranker: share of the FP32 top 10 the engine keeps
+
+
+def verify_engine(plan: Path, fp32_onnx: Path, name: str, meta: dict, candidates: int) -> dict:
+    """Engine vs ONNX Runtime FP32 on valid inputs; raises GateError when it drifts past the limits."""
+    import onnxruntime as ort
+
+    from recserve.errors import GateError
+    from recserve.export.onnx import random_inputs
+
+    class _Shape:  # the fields random_inputs reads
+        n_users, n_items, n_genres = meta["n_users"], meta["n_items"], meta["n_genres"]
+        user_cat_cards = meta["user_cat_cards"]
+
+    feed = random_inputs(name, _Shape, meta["history_len"], meta["dim"], 8, candidates, seed=11)
+    want = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = next(iter(EngineRunner(plan)(feed).values()))
+    rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+    report = {"max_rel_error": rel}
+    if name == "ranker":
+        k = min(10, want.shape[1])
+        top_w, top_g = np.argsort(-want, 1)[:, :k], np.argsort(-got, 1)[:, :k]
+        report["top10_overlap"] = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(top_w, top_g)]))
+        if report["top10_overlap"] < ENGINE_MIN_TOP10_OVERLAP:
+            raise GateError(f"TensorRT {name} engine keeps {report['top10_overlap']:.3f} of the FP32 top 10 "
+                            f"(limit {ENGINE_MIN_TOP10_OVERLAP}); export with --precision fp32")
+    if rel > ENGINE_MAX_REL_ERROR:
+        raise GateError(f"TensorRT {name} engine differs from ONNX Runtime FP32 by {rel:.3f} (relative; limit "
+                        f"{ENGINE_MAX_REL_ERROR}); export with --precision fp32")
+    return report

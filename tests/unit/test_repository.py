@@ -140,3 +140,26 @@ def test_readme_documents_every_generated_model():
     text = repo.README.read_text()
     for model in (*repo.ONNX_MODELS, *repo.PY_MODELS, "recommend"):
         assert f"`{model}`" in text, model
+
+
+def test_tensorrt_profiles_follow_the_batchers_preferred_sizes():
+    from recserve.export.tensorrt import profile_ranges
+
+    assert profile_ranges([4, 8], 32) == [(1, 4, 4), (5, 8, 8), (9, 32, 32)]
+    assert profile_ranges([16, 64], 256) == [(1, 16, 16), (17, 64, 64), (65, 256, 256)]
+
+
+def test_without_tensorrt_the_status_says_why_in_one_line():
+    import importlib.util
+
+    from recserve.export.tensorrt import tensorrt_status
+
+    usable, note = tensorrt_status()
+    if importlib.util.find_spec("tensorrt") is None:
+        assert not usable and "TensorRT is not installed" in note and "ONNX flavor" in note
+    assert "\n" not in note
+
+
+def test_native_config_switches_to_tensorrt_plan_when_engines_are_built():
+    cfg = repo.parse(repo.render(repo.model_config("ranker", META, repo.RepoOptions(flavor="native", tensorrt=True))))
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
