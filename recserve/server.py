@@ -125,6 +125,7 @@ _IN_USE = (
     re.compile(r"resolved for '[^']*:(\d+)'.*Address already in use"),
 )
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?\s*:\s*(.*)")
+_REPO_ERROR = re.compile(r"^E\d{4} .*model_repository_manager\.cc:\d+\] \"(.*)")
 # Logged as errors on every CPU-only machine; never the reason a server stopped.
 _NOISE = ("CudaDriverHelper", "NVML", "DCGM")
 
@@ -148,6 +149,11 @@ def _failure_reason(lines: Sequence[str], port_flags: dict[int, str], backend_di
             # Triton escapes the traceback's newlines: keep the first line, the exception itself.
             detail = match.group(2).split("\\n")[0].strip().rstrip('"').strip()
             return f"model '{match.group(1)}' failed to load: {detail}"
+    for line in lines:
+        # configuration errors (bad ensemble, bad config.pbtxt) are logged by the repository manager
+        match = _REPO_ERROR.search(line)
+        if match:
+            return f"model repository rejected: {match.group(1).strip().rstrip(chr(34))}"
     errors = [line.strip() for line in lines if not any(noise in line for noise in _NOISE)]
     for line in reversed(errors):
         if line.startswith("error:") or "failed to start" in line:

@@ -167,12 +167,13 @@ def large_layers(model: onnx.ModelProto, min_weights: int = MIN_QUANTIZED_WEIGHT
 
 
 def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: float = SMOOTH_ALPHA,
-           only: list[str] | None = None) -> int:
+           only: list[str] | None = None) -> tuple[int, int]:
     """Equalise the input channels of the MatMul/Gemm nodes named in `only` (default: all those with a constant
-    weight), in place; returns how many activations were equalised.
+    weight), in place; returns (activations equalised, of those folded into the layer before).
 
     For an activation X feeding layers with weights W_j (input channel k): s_k = max|X_k|^a / max_j|W_jk|^(1-a),
-    X -> X / s through one inserted Mul, W_j -> W_j * s. Exact in FP32; see the module docstring for why.
+    X -> X / s (folded into the Gemm producing X where possible, else one inserted Mul), W_j -> W_j * s.
+    Exact in FP32; see the module docstring for why.
     """
     inits = {i.name: i for i in model.graph.initializer}
     nodes = [onnx.NodeProto() for _ in model.graph.node]
@@ -190,7 +191,7 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
             continue
         groups.setdefault(x, []).append((i, 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0))
     if not groups:
-        return 0
+        return 0, 0
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for x in groups:
@@ -202,32 +203,71 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
         for x, v in zip(names, sess.run(names, {i.name: b[i.name] for i in sess.get_inputs()})):
             m = np.abs(v.reshape(-1, v.shape[-1])).max(0)                   # per input channel (last axis)
             amax[x] = np.maximum(amax[x], m) if x in amax else m
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+
+    def foldable(x: str, n_consumers: int) -> tuple[int, int] | None:
+        """(index, output-channel axis of its weight) of a Gemm whose output channels can absorb 1 / s:
+        X = Gemm(...) or Relu(Gemm(...)) (relu(z / s) == relu(z) / s for s > 0), X used only by the layers
+        being equalised. A Mul there would cost a pass over X and, between Relu and Quantize, keep ORT from
+        fusing Gemm + Relu + Quantize into one QGemm."""
+        if uses[x] != n_consumers or x in outputs or x not in producer:
+            return None
+        p = producer[x]
+        if nodes[p].op_type == "Relu":
+            z = nodes[p].input[0]
+            if uses[z] != 1 or z in outputs or z not in producer:
+                return None
+            p = producer[z]
+        g = nodes[p]
+        attrs = {a.name: a.i for a in g.attribute}
+        if g.op_type != "Gemm" or attrs.get("transA", 0) or g.input[1] not in inits or uses[g.input[1]] != 1:
+            return None
+        if len(g.input) > 2 and g.input[2] and (g.input[2] not in inits or uses[g.input[2]] != 1
+                                                or len(inits[g.input[2]].dims) != 1):
+            return None
+        return p, 0 if attrs.get("transB", 0) else 1
+
+    def scale(name: str, factor: np.ndarray, axis: int) -> None:
+        w = numpy_helper.to_array(inits[name])
+        w = w * np.expand_dims(factor, 1 - axis) if w.ndim == 2 else w * factor
+        inits[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
+
     before: dict[int, list[onnx.NodeProto]] = collections.defaultdict(list)
+    folded = 0
     for x, consumers in groups.items():
-        weights = [numpy_helper.to_array(inits[nodes[i].input[1]]) for i, _ in consumers]
-        wmax = np.max([np.abs(w).max(axis=1 - ax) for w, (_, ax) in zip(weights, consumers)], 0)
+        wmax = np.max([np.abs(numpy_helper.to_array(inits[nodes[i].input[1]])).max(axis=1 - ax)
+                       for i, ax in consumers], 0)
         s = (np.maximum(amax[x], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}/smooth_inv"))
-        before[min(i for i, _ in consumers)].append(
-            helper.make_node("Mul", [x, f"{x}/smooth_inv"], [f"{x}/smooth"], name=f"{x}/smooth"))
-        for w, (i, ax) in zip(weights, consumers):
-            w = w * (s[None, :] if ax == 1 else s[:, None])
-            inits[nodes[i].input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), nodes[i].input[1]))
-            nodes[i].input[0] = f"{x}/smooth"
+        target = foldable(x, len(consumers))
+        if target is not None:
+            g, out_axis = target
+            scale(nodes[g].input[1], 1.0 / s, out_axis)
+            if len(nodes[g].input) > 2 and nodes[g].input[2]:
+                scale(nodes[g].input[2], 1.0 / s, 0)
+            folded += 1
+        else:
+            model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}/smooth_inv"))
+            before[min(i for i, _ in consumers)].append(
+                helper.make_node("Mul", [x, f"{x}/smooth_inv"], [f"{x}/smooth"], name=f"{x}/smooth"))
+        for i, ax in consumers:
+            scale(nodes[i].input[1], s, ax)
+            if target is None:
+                nodes[i].input[0] = f"{x}/smooth"
     del model.graph.node[:]
     model.graph.node.extend([m for i, n in enumerate(nodes) for m in (*before[i], n)])
-    return len(groups)
+    return len(groups), folded
 
 
 def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *, alpha: float | None = SMOOTH_ALPHA,
                    activation_type: QuantType = ACTIVATION_TYPE, calibrate_method: CalibrationMethod = CALIBRATION,
                    exclude_output: bool = EXCLUDE_OUTPUT_QUANTIZATION, reduce_range: bool = False,
-                   min_weights: int = MIN_QUANTIZED_WEIGHTS) -> int:
-    """FP32 `src` -> QDQ INT8 `dst`, calibrated on `batches`; returns the number of equalised inputs."""
+                   min_weights: int = MIN_QUANTIZED_WEIGHTS) -> dict[str, int]:
+    """FP32 `src` -> QDQ INT8 `dst`, calibrated on `batches`; returns how many layer inputs were equalised."""
     with tempfile.TemporaryDirectory(prefix="recserve-int8-") as tmp:
         model = onnx.load(str(src))
         quantize, keep_float = large_layers(model, min_weights)
-        smoothed = smooth(model, batches, alpha, quantize) if alpha is not None else 0
+        equalised, folded = smooth(model, batches, alpha, quantize) if alpha is not None else (0, 0)
         onnx.save(model, f"{tmp}/smoothed.onnx")
         # symbolic shape inference + basic graph cleanup: the quantizer needs every tensor's type and shape
         quant_pre_process(f"{tmp}/smoothed.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
@@ -236,7 +276,7 @@ def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *
                         op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=reduce_range,
                         activation_type=activation_type, weight_type=WEIGHT_TYPE, calibrate_method=calibrate_method,
                         nodes_to_quantize=quantize, nodes_to_exclude=keep_float, extra_options=extra)
-    return smoothed
+    return {"equalised_inputs": equalised, "folded_into_previous_layer": folded}
 
 
 def describe(path: Path) -> dict:
@@ -302,9 +342,9 @@ def quantize_artifacts(artifacts: Path, calibration_rows: int = 2000, seed: int 
     }
     for name in MODELS:
         src, dst = onnx_dir / f"{name}.onnx", onnx_dir / f"{name}.int8.onnx"
-        smoothed = quantize_model(src, dst, batches[name])
+        smoothing = quantize_model(src, dst, batches[name])
         rows = int(sum(len(b[next(iter(b))]) for b in batches[name]))
-        report["models"][name] = {"file": dst.name, "calibration_rows": rows, "smoothed_inputs": smoothed,
+        report["models"][name] = {"file": dst.name, "calibration_rows": rows, "smoothing": smoothing,
                                   **describe(dst), "fp32_bytes": src.stat().st_size,
                                   "error_vs_fp32": _output_error(src, dst, check[name])}
     _write_report(onnx_dir, report)
