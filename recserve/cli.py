@@ -11,7 +11,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -69,7 +68,7 @@ def data_synth(
 @clean_errors
 def data_fetch(
     name: str = typer.Argument(..., help="ml-100k, ml-1m, ml-25m or ml-latest-small"),
-    cache: Optional[Path] = typer.Option(None, help="Cache directory (default ~/.cache/recserve/datasets)."),
+    cache: Path | None = typer.Option(None, help="Cache directory (default ~/.cache/recserve/datasets)."),
 ):
     """Download an official MovieLens zip from GroupLens (checksum verified) and print its directory."""
     from recserve.data import fetch
@@ -179,7 +178,7 @@ def export_repository_cmd(
 @clean_errors
 def demo(
     work: Path = typer.Option(Path("work"), help="Working directory for data and artifacts."),
-    data: Optional[Path] = typer.Option(None, help="MovieLens directory to use instead of synthetic data."),
+    data: Path | None = typer.Option(None, help="MovieLens directory to use instead of synthetic data."),
     repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
     http_port: int = typer.Option(8000, help="HTTP port."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),

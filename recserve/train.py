@@ -162,7 +162,8 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig) -> dict[
     groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
     for n, (u, i) in enumerate(zip(v_users, v_items)):
         r = row_of[u]
-        pool = cand[r][~np.isin(cand[r], ev.truth[r])]
+        # with a small catalogue the top-K reaches the user's own (excluded, -inf) training items: not negatives
+        pool = cand[r][~np.isin(cand[r], ev.truth[r]) & ~np.isin(cand[r], ev.tables.seen_of(u))]
         groups[n, 0] = i
         groups[n, 1:] = rng.choice(pool, cfg.ranker_negatives, replace=len(pool) < cfg.ranker_negatives)
     rows = np.array([row_of[u] for u in v_users])

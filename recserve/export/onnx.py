@@ -25,11 +25,10 @@ from recserve import checkpoint
 from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
 from recserve.errors import ArtifactError
 from recserve.models import Ranker, TwoTower
-from recserve.reference import RANKER_INPUTS, Tables, item_vectors
+from recserve.reference import Tables, item_vectors
 
 OPSET = 18
 MAX_REL_ERROR = 1e-5
-TOWER_INPUTS = {"user_tower": ("user_idx", "user_cats", "history"), "item_tower": ("item_idx", "item_genres", "item_year")}
 OUTPUTS = {"user_tower": "user_vec", "item_tower": "item_vec", "ranker": "scores"}
 
 

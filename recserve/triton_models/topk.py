@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.triton_models.base import BatchedModel, RequestError
+from recserve.triton_models.retrieval import PAD_SCORE
 
 
 def top_k(scores: np.ndarray, cand: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +50,7 @@ class TritonPythonModel(BatchedModel):
             width = max(len(i) for i in ids)   # rows of one request share a width; pad with -1 / "" if short
             result.append({
                 "item_ids": np.stack([np.pad(i, (0, width - len(i)), constant_values=-1) for i in ids]),
-                "scores": np.stack([np.pad(s, (0, width - len(s)), constant_values=np.finfo(np.float32).min) for s in scores]),
+                "scores": np.stack([np.pad(s, (0, width - len(s)), constant_values=PAD_SCORE) for s in scores]),
                 "titles": np.stack([np.concatenate([t, np.array([b""] * (width - len(t)), dtype=object)])
                                     for t in titles]),
             })

@@ -25,4 +25,5 @@ def test_a_model_whose_initialize_raises_is_named():
 
 def test_a_taken_port_names_the_flag_to_change():
     lines = ["E1121 07:00:00.0 1 grpc_server.cc:2463] \"Socket '127.0.0.1:8001' already in use \""]
-    assert _failure_reason(lines, {8001: "--grpc-port"}) == "port 8001 is already in use; pass --grpc-port with a free port"
+    expected = "port 8001 is already in use; pass --grpc-port with a free port"
+    assert _failure_reason(lines, {8001: "--grpc-port"}) == expected
