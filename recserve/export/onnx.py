@@ -29,6 +29,8 @@ from recserve.reference import Tables, item_vectors
 
 OPSET = 18
 MAX_REL_ERROR = 1e-5
+TOWER_INPUTS = {"user_tower": ("user_idx", "user_cats", "history"),
+                "item_tower": ("item_idx", "item_genres", "item_year")}
 OUTPUTS = {"user_tower": "user_vec", "item_tower": "item_vec", "ranker": "scores"}
 
 
