@@ -85,6 +85,9 @@ def train(
     tower_epochs: int = typer.Option(30, help="Maximum two-tower epochs (early stopping on validation)."),
     mf_epochs: int = typer.Option(40, help="Maximum MF epochs (early stopping on validation)."),
     ranker_epochs: int = typer.Option(8, help="Maximum ranker epochs (early stopping on held-out users)."),
+    distill: bool = typer.Option(False, "--distill", help="Also train a large teacher and a distilled student ranker."),
+    promote_student: bool = typer.Option(False, "--promote-student",
+                                         help="With --distill: ship the student (ranker.pt) if it passes its gate."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
@@ -92,6 +95,29 @@ def train(
 
     cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs)
     train_all(load_data(data), out, cfg, progress=not quiet)
+    if distill:
+        from recserve.distill import distill as run_distill
+        from recserve.distill import format_distill
+
+        typer.echo(format_distill(run_distill(out, cfg, progress=not quiet, promote=promote_student)))
+
+
+@app.command("distill")
+@clean_errors
+def distill_cmd(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote."),
+    alpha: float = typer.Option(0.5, help="Weight of the labels' cross-entropy (1: no distillation)."),
+    temperature: float = typer.Option(1.0, help="Distillation temperature."),
+    promote_student: bool = typer.Option(False, "--promote-student",
+                                         help="Copy the student over ranker.pt if it passes its gate."),
+    latency_runs: int = typer.Option(200, help="Timed requests per model and setting."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Teacher/student rankers on already-trained artifacts: quality, latency, and whether to ship the student."""
+    from recserve.distill import distill, format_distill
+
+    typer.echo(format_distill(distill(artifacts, alpha=alpha, temperature=temperature, progress=not quiet,
+                                      promote=promote_student, latency_runs=latency_runs)))
 
 
 @app.command()

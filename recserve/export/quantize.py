@@ -32,7 +32,6 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from recserve.data.dataset import TEST, TRAIN, Dataset
 from recserve.errors import ArtifactError, GateError
@@ -58,7 +57,7 @@ EXCLUDE_OUTPUT_QUANTIZATION = True
 MAX_REL_CHANGE = 0.01    # |int8 - fp32| / fp32 of ndcg@10 and recall@50 on the test split
 MIN_OVERLAP = 0.95       # mean |top-100 INT8 towers & top-100 FP32 towers| / 100
 OVERLAP_K = 100
-CAL_CANDIDATES_PER_USER = 20
+CAL_CANDIDATES_PER_USER = 5
 # Layers with fewer weights stay float: the ranker's 19x8 genre projection and 398x1 head, the item tower's
 # 19x16 genre projection. Their FP32 cost is negligible, and Quantize/Dequantize around them would cost more
 # time than they save and add rounding on the ranker's final score.
@@ -143,6 +142,11 @@ def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candi
             "ranker": _split(ranker, max(1, 256 // per))}
 
 
+def rows_of(batch: dict[str, np.ndarray]) -> int:
+    """Scored rows in a batch: candidates for the ranker, users or items for a tower."""
+    return int(batch["cand_idx"].size) if "cand_idx" in batch else len(next(iter(batch.values())))
+
+
 def _split(feed: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(feed.values())))
     return [{k: np.ascontiguousarray(v[s:s + batch]) for k, v in feed.items()} for s in range(0, n, batch)]
@@ -175,88 +179,106 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
     X -> X / s (folded into the Gemm producing X where possible, else one inserted Mul), W_j -> W_j * s.
     Exact in FP32; see the module docstring for why.
     """
-    inits = {i.name: i for i in model.graph.initializer}
-    nodes = [onnx.NodeProto() for _ in model.graph.node]
-    for copy, node in zip(nodes, model.graph.node):
-        copy.CopyFrom(node)
-    uses = collections.Counter(name for n in nodes for name in n.input)
+    g = _Graph(model)
     groups: dict[str, list[tuple[int, int]]] = {}          # activation -> [(node index, W's input-channel axis)]
-    for i, node in enumerate(nodes):
+    for i, node in enumerate(g.nodes):
         wanted = node.name in only if only is not None else node.op_type in QUANTIZED_OP_TYPES
-        if not wanted or len(node.input) < 2:
-            continue
-        x, w = node.input[0], node.input[1]
-        attrs = {a.name: a.i for a in node.attribute}
-        if x in inits or w not in inits or uses[w] != 1 or attrs.get("transA", 0):
-            continue
-        groups.setdefault(x, []).append((i, 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0))
+        if wanted and len(node.input) > 1 and node.input[0] not in g.inits and g.private_const(node.input[1]):
+            attrs = {a.name: a.i for a in node.attribute}
+            if not attrs.get("transA", 0):
+                groups.setdefault(node.input[0], []).append((i, int(node.op_type == "Gemm" and attrs.get("transB", 0))))
     if not groups:
         return 0, 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for x in groups:
-        probe.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = list(groups)
-    amax: dict[str, np.ndarray] = {}
-    for b in batches:
-        for x, v in zip(names, sess.run(names, {i.name: b[i.name] for i in sess.get_inputs()})):
-            m = np.abs(v.reshape(-1, v.shape[-1])).max(0)                   # per input channel (last axis)
-            amax[x] = np.maximum(amax[x], m) if x in amax else m
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    outputs = {o.name for o in model.graph.output}
-
-    def foldable(x: str, n_consumers: int) -> tuple[int, int] | None:
-        """(index, output-channel axis of its weight) of a Gemm whose output channels can absorb 1 / s:
-        X = Gemm(...) or Relu(Gemm(...)) (relu(z / s) == relu(z) / s for s > 0), X used only by the layers
-        being equalised. A Mul there would cost a pass over X and, between Relu and Quantize, keep ORT from
-        fusing Gemm + Relu + Quantize into one QGemm."""
-        if uses[x] != n_consumers or x in outputs or x not in producer:
-            return None
-        p = producer[x]
-        if nodes[p].op_type == "Relu":
-            z = nodes[p].input[0]
-            if uses[z] != 1 or z in outputs or z not in producer:
-                return None
-            p = producer[z]
-        g = nodes[p]
-        attrs = {a.name: a.i for a in g.attribute}
-        if g.op_type != "Gemm" or attrs.get("transA", 0) or g.input[1] not in inits or uses[g.input[1]] != 1:
-            return None
-        if len(g.input) > 2 and g.input[2] and (g.input[2] not in inits or uses[g.input[2]] != 1
-                                                or len(inits[g.input[2]].dims) != 1):
-            return None
-        return p, 0 if attrs.get("transB", 0) else 1
-
-    def scale(name: str, factor: np.ndarray, axis: int) -> None:
-        w = numpy_helper.to_array(inits[name])
-        w = w * np.expand_dims(factor, 1 - axis) if w.ndim == 2 else w * factor
-        inits[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
-
+    amax = _channel_absmax(model, list(groups), batches)
     before: dict[int, list[onnx.NodeProto]] = collections.defaultdict(list)
     folded = 0
     for x, consumers in groups.items():
-        wmax = np.max([np.abs(numpy_helper.to_array(inits[nodes[i].input[1]])).max(axis=1 - ax)
-                       for i, ax in consumers], 0)
+        wmax = np.max([np.abs(g.array(g.nodes[i].input[1])).max(axis=1 - ax) for i, ax in consumers], 0)
         s = (np.maximum(amax[x], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)).astype(np.float32)
-        target = foldable(x, len(consumers))
+        target = g.fold_target(x, len(consumers))
         if target is not None:
-            g, out_axis = target
-            scale(nodes[g].input[1], 1.0 / s, out_axis)
-            if len(nodes[g].input) > 2 and nodes[g].input[2]:
-                scale(nodes[g].input[2], 1.0 / s, 0)
+            producer, out_axis = target
+            weight, *bias = g.nodes[producer].input[1:3]
+            g.scale(weight, 1.0 / s, out_axis)
+            if bias and bias[0]:
+                g.scale(bias[0], 1.0 / s, 0)
             folded += 1
         else:
             model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}/smooth_inv"))
             before[min(i for i, _ in consumers)].append(
                 helper.make_node("Mul", [x, f"{x}/smooth_inv"], [f"{x}/smooth"], name=f"{x}/smooth"))
         for i, ax in consumers:
-            scale(nodes[i].input[1], s, ax)
+            g.scale(g.nodes[i].input[1], s, ax)
             if target is None:
-                nodes[i].input[0] = f"{x}/smooth"
+                g.nodes[i].input[0] = f"{x}/smooth"
     del model.graph.node[:]
-    model.graph.node.extend([m for i, n in enumerate(nodes) for m in (*before[i], n)])
+    model.graph.node.extend([m for i, n in enumerate(g.nodes) for m in (*before[i], n)])
     return len(groups), folded
+
+
+class _Graph:
+    """Copies of a model's nodes (edited, then written back) with the lookups equalisation needs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.nodes = [onnx.NodeProto() for _ in model.graph.node]
+        for copy, node in zip(self.nodes, model.graph.node):
+            copy.CopyFrom(node)
+        self.uses = collections.Counter(name for n in self.nodes for name in n.input)
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output}
+        self.outputs = {o.name for o in model.graph.output}
+
+    def private_const(self, name: str) -> bool:
+        return name in self.inits and self.uses[name] == 1
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def scale(self, name: str, factor: np.ndarray, axis: int) -> None:
+        """Multiply initializer `name` by `factor` along `axis` (a 1-D initializer elementwise)."""
+        w = self.array(name)
+        w = w * np.expand_dims(factor, 1 - axis) if w.ndim == 2 else w * factor
+        self.inits[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
+
+    def fold_target(self, x: str, n_consumers: int) -> tuple[int, int] | None:
+        """(index, output-channel axis of its weight) of a Gemm whose output channels can absorb 1 / s.
+
+        X = Gemm(...) or Relu(Gemm(...)) (relu(z / s) == relu(z) / s for s > 0), used only by the layers being
+        equalised. A Mul there would cost a pass over X and, between Relu and Quantize, keeps ONNX Runtime from
+        fusing Gemm + Relu + Quantize into one QGemm (it fuses Gemm + Relu in FP32 instead).
+        """
+        if self.uses[x] != n_consumers or x in self.outputs or x not in self.producer:
+            return None
+        p = self.producer[x]
+        if self.nodes[p].op_type == "Relu":
+            z = self.nodes[p].input[0]
+            if self.uses[z] != 1 or z in self.outputs or z not in self.producer:
+                return None
+            p = self.producer[z]
+        node = self.nodes[p]
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Gemm" or attrs.get("transA", 0) or not self.private_const(node.input[1]):
+            return None
+        bias = node.input[2] if len(node.input) > 2 else ""
+        if bias and not (self.private_const(bias) and len(self.inits[bias].dims) == 1):
+            return None
+        return p, 0 if attrs.get("transB", 0) else 1
+
+
+def _channel_absmax(model: onnx.ModelProto, names: list[str], batches: list[dict[str, np.ndarray]]
+                    ) -> dict[str, np.ndarray]:
+    """max |value| of each tensor in `names` per channel (last axis) over the calibration batches, FP32."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for x in names:
+        probe.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax: dict[str, np.ndarray] = {}
+    for b in batches:
+        for x, v in zip(names, sess.run(names, {i.name: b[i.name] for i in sess.get_inputs()})):
+            m = np.abs(v.reshape(-1, v.shape[-1])).max(0)
+            amax[x] = np.maximum(amax[x], m) if x in amax else m
+    return amax
 
 
 def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *, alpha: float | None = SMOOTH_ALPHA,
@@ -268,11 +290,11 @@ def quantize_model(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], *
         model = onnx.load(str(src))
         quantize, keep_float = large_layers(model, min_weights)
         equalised, folded = smooth(model, batches, alpha, quantize) if alpha is not None else (0, 0)
+        # No quant_pre_process: the dynamo export already carries every shape and is folded (pre-processing
+        # changed no quantized node and no output), and its symbolic shape inference fails on the user tower's Expand.
         onnx.save(model, f"{tmp}/smoothed.onnx")
-        # symbolic shape inference + basic graph cleanup: the quantizer needs every tensor's type and shape
-        quant_pre_process(f"{tmp}/smoothed.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
         extra = {"OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)} if exclude_output else {}
-        quantize_static(f"{tmp}/pre.onnx", str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
+        quantize_static(f"{tmp}/smoothed.onnx", str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=reduce_range,
                         activation_type=activation_type, weight_type=WEIGHT_TYPE, calibrate_method=calibrate_method,
                         nodes_to_quantize=quantize, nodes_to_exclude=keep_float, extra_options=extra)
@@ -312,7 +334,7 @@ def _output_error(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]]) 
     got = np.concatenate([run(b, x).reshape(-1) for x in batches])
     err = np.abs(got - want)
     scale = max(float(np.abs(want).max()), 1e-12)
-    return {"rows": int(sum(len(x[next(iter(x))]) for x in batches)), "max_abs_error": float(err.max()),
+    return {"rows": sum(map(rows_of, batches)), "max_abs_error": float(err.max()),
             "max_rel_error": float(err.max()) / scale, "mean_rel_error": float(err.mean()) / scale}
 
 
@@ -343,7 +365,7 @@ def quantize_artifacts(artifacts: Path, calibration_rows: int = 2000, seed: int 
     for name in MODELS:
         src, dst = onnx_dir / f"{name}.onnx", onnx_dir / f"{name}.int8.onnx"
         smoothing = quantize_model(src, dst, batches[name])
-        rows = int(sum(len(b[next(iter(b))]) for b in batches[name]))
+        rows = sum(map(rows_of, batches[name]))
         report["models"][name] = {"file": dst.name, "calibration_rows": rows, "smoothing": smoothing,
                                   **describe(dst), "fp32_bytes": src.stat().st_size,
                                   "error_vs_fp32": _output_error(src, dst, check[name])}

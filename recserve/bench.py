@@ -1,0 +1,104 @@
+"""ONNX Runtime latency of the FP32 and INT8 models on real rows from the artifacts.
+
+ranker: one user's request, the `candidates` items the FP32 towers retrieve for them (inputs (1, K, ...));
+user_tower / item_tower: a batch of real users / catalogue items. FP32 and INT8 runs alternate, so both
+see the same machine load; nothing is asserted about speed anywhere (figures, not timed tests).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
+from recserve.errors import ArtifactError
+from recserve.export.quantize import MODELS, run, session
+from recserve.reference import Tables, context_of, ranker_batch
+
+
+def bench_inputs(artifacts: Path, candidates: int = 500, batch: int = 256, seed: int = 0
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """Real inputs per model, with the serving tables (every interaction known, FP32 item embeddings)."""
+    artifacts = Path(artifacts)
+    onnx_dir = artifacts / "onnx"
+    ds = Dataset.load(artifacts / "dataset.npz")
+    rng = np.random.default_rng(seed)
+    H = session(onnx_dir / "user_tower.onnx").get_inputs()[2].shape[1]
+    tables = Tables(ds, (TRAIN, VALID, TEST), H)
+    item_vecs = np.load(onnx_dir / "item_embeddings.npy")
+    users = np.sort(rng.choice(ds.n_users, min(batch, ds.n_users), replace=False))
+    f = tables.users(users)
+    user_in = {"user_idx": f.user_idx, "user_cats": f.user_cats, "history": f.history}
+    items = np.sort(rng.choice(ds.n_items, min(batch, ds.n_items), replace=False))
+    item_in = {"item_idx": items, "item_genres": ds.item_genres[items], "item_year": ds.item_year[items]}
+
+    u = users[:1]
+    fu = tables.users(u)
+    uv = run(session(onnx_dir / "user_tower.onnx"), {k: v[:1] for k, v in user_in.items()})
+    cand = np.argsort(-(uv @ item_vecs.T), axis=1, kind="stable")[:, :min(candidates, ds.n_items)]   # (1, K)
+    hour, weekday = context_of(ds.timestamps[ds.users == u[0]][-1:])          # the user's latest interaction
+    ranker_in = ranker_batch(tables, fu, uv, hour, weekday, cand, item_vecs)
+    return {"user_tower": user_in, "item_tower": item_in, "ranker": ranker_in}
+
+
+def _time(sessions: dict, feed: dict[str, np.ndarray], repeats: int, warmup: int) -> dict[str, np.ndarray]:
+    for _ in range(warmup):
+        for s in sessions.values():
+            run(s, feed)
+    out = {k: np.empty(repeats) for k in sessions}
+    for r in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            run(s, feed)
+            out[k][r] = time.perf_counter() - t0
+    return out
+
+
+def bench_int8(artifacts: Path, candidates: int = 500, repeats: int = 200, threads: tuple[int, ...] = (1, 0),
+               batch: int = 256, warmup: int = 20) -> list[dict]:
+    """FP32 vs INT8 per model and thread setting (0 = ONNX Runtime's default, all cores).
+
+    Each row: median and p90 latency in ms per request, throughput (rows/s: candidates for the ranker, users
+    or items for the towers) and speed-up = FP32 median / INT8 median.
+    """
+    onnx_dir = Path(artifacts) / "onnx"
+    missing = [f"{n}{s}.onnx" for n in MODELS for s in ("", ".int8") if not (onnx_dir / f"{n}{s}.onnx").exists()]
+    if missing:
+        raise ArtifactError(f"{onnx_dir} lacks {', '.join(missing)}: export and quantize first")
+    inputs = bench_inputs(artifacts, candidates, batch)
+    rows = []
+    for name in ("ranker", "user_tower", "item_tower"):
+        feed = inputs[name]
+        n = int(feed["cand_idx"].size) if name == "ranker" else len(feed[next(iter(feed))])
+        for t in threads:
+            sessions = {p: session(onnx_dir / f"{name}{'.int8' if p == 'int8' else ''}.onnx", t)
+                        for p in ("fp32", "int8")}
+            times = _time(sessions, feed, repeats, warmup)
+            row = {"model": name, "rows_per_request": n, "unit": "candidates" if name == "ranker" else "rows",
+                   "threads": t, "threads_label": str(t) if t else f"all ({os.cpu_count()})", "repeats": repeats}
+            for p, ts in times.items():
+                med = float(np.median(ts))
+                row |= {f"{p}_ms_median": round(med * 1e3, 4), f"{p}_ms_p90": round(float(np.quantile(ts, 0.9)) * 1e3, 4),
+                        f"{p}_rows_per_s": round(n / med, 1)}
+            row["speedup"] = round(row["fp32_ms_median"] / row["int8_ms_median"], 3)
+            rows.append(row)
+    return rows
+
+
+def format_bench(rows: list[dict]) -> str:
+    head = (f"{'model':<11}{'rows':>6}{'threads':>10}{'fp32 med':>10}{'p90':>8}{'int8 med':>10}{'p90':>8}"
+            f"{'fp32 rows/s':>13}{'int8 rows/s':>13}{'speed-up':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<11}{r['rows_per_request']:>6}{r['threads_label']:>10}"
+                     f"{r['fp32_ms_median']:>10.3f}{r['fp32_ms_p90']:>8.3f}{r['int8_ms_median']:>10.3f}"
+                     f"{r['int8_ms_p90']:>8.3f}{r['fp32_rows_per_s']:>13,.0f}{r['int8_rows_per_s']:>13,.0f}"
+                     f"{r['speedup']:>9.2f}x")
+    lines.append("latency in ms per request (median, p90); ranker rows are one user's candidates")
+    return "\n".join(lines)
+
+
+__all__ = ["bench_int8", "bench_inputs", "format_bench"]
