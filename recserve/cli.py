@@ -135,14 +135,45 @@ def evaluate(artifacts: Path = typer.Option(..., "--artifacts", help="Directory 
 
 @export_app.command("onnx")
 @clean_errors
-def export_onnx_cmd(artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote.")):
+def export_onnx_cmd(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote."),
+    precision: str = typer.Option("fp32", help="fp32, or int8: also write calibrated QDQ INT8 models (gated)."),
+    calibration_rows: int = typer.Option(2000, help="INT8: real training rows per model to calibrate on."),
+    int8_target: str = typer.Option("cpu", help="INT8: cpu (ONNX Runtime) or tensorrt (symmetric, for engines)."),
+    seed: int = typer.Option(0, help="INT8: seed that draws the calibration rows."),
+):
     """Export user tower, item tower and ranker to ONNX (checked against PyTorch) plus serving tables."""
     from recserve.export.onnx import export_onnx
 
+    if precision not in ("fp32", "int8"):
+        raise RecserveError(f"--precision {precision!r} is not known: choose fp32 or int8")
     report = export_onnx(artifacts)
     for name, m in report["models"].items():
         typer.echo(f"{name}: {artifacts}/onnx/{m['file']}  opset {report['opset']}  "
                    f"max rel. error vs PyTorch {m['max_rel_error']:.1e}")
+    if precision == "int8":
+        from recserve.export.quantize import quantize_artifacts
+
+        q = quantize_artifacts(artifacts, calibration_rows=calibration_rows, seed=seed, target=int8_target)
+        for name, m in q["models"].items():
+            typer.echo(f"{name}: {artifacts}/onnx/{m['file']}  INT8 QDQ ({m['calibration_rows']} calibration rows)")
+        g = q["gate"]
+        typer.echo(f"INT8 gate passed on the test split: ndcg@10 {g['rel_change']['ndcg@10']:+.2%}, "
+                   f"recall@50 {g['rel_change']['recall@50']:+.2%} vs FP32 (limit ±1%), "
+                   f"top-100 retrieval overlap {g['top100_overlap']:.3f} (limit 0.95)")
+
+
+@bench_app.command("int8")
+@clean_errors
+def bench_int8_cmd(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Artifacts with onnx/*.onnx and onnx/*.int8.onnx."),
+    candidates: int = typer.Option(500, help="Ranker candidates per request."),
+    repeats: int = typer.Option(300, help="Timed runs per setting."),
+):
+    """ONNX Runtime FP32 vs INT8 latency: ranker at K candidates, towers at batch 256; 1 thread and all threads."""
+    from recserve.bench import bench_int8, format_bench
+
+    typer.echo(format_bench(bench_int8(artifacts, candidates=candidates, repeats=repeats)))
 
 
 @app.command()

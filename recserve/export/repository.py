@@ -210,9 +210,15 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
 
     tensorrt_note = None
     if opts.flavor == "native" and opts.precision == "int8":
+        from recserve.export.quantize import int8_report
         from recserve.export.tensorrt import tensorrt_status
 
         opts.tensorrt, tensorrt_note = tensorrt_status()
+        target = ((int8_report(artifacts) or {}).get("settings") or {}).get("target")
+        if opts.tensorrt and target != "tensorrt":
+            raise ArtifactError("the INT8 models were quantized for ONNX Runtime (uint8 activations), which "
+                                "TensorRT's parser rejects: run `recserve export onnx --precision int8 "
+                                "--int8-target tensorrt` first")
 
     repository.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-", dir=repository.parent))
@@ -236,6 +242,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             "model_version": 1, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
             "precision": opts.precision, "candidates": opts.candidates, "index": index_info,
             "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
+            "int8": _int8_summary(artifacts) if opts.precision == "int8" else None,
             "models": sorted([*ONNX_MODELS, *PY_MODELS, "recommend"]),
             "sha256": {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
@@ -287,6 +294,13 @@ def _tensorrt_plan(tmp: Path, name: str, onnx_path: Path, meta: dict, opts: Repo
     fp32 = onnx_path.with_name(f"{name}.onnx")
     verify_engine(plan, fp32, name, meta, opts.candidates)
     return plan
+
+
+def _int8_summary(artifacts: Path) -> dict | None:
+    from recserve.export.quantize import int8_report
+
+    report = int8_report(artifacts) or {}
+    return {"settings": report.get("settings"), "gate": report.get("gate")}
 
 
 def _int8_files(artifacts: Path) -> dict[str, Path]:
