@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -198,11 +197,7 @@ from recserve.client.cli import recommend_command  # noqa: E402
 app.command("recommend", help="Ask a running server for top-k recommendations for one user.")(recommend_command)
 
 
-def main() -> None:  # pragma: no cover - console entry point alternative
-    app()
-
-
-__all__ = ["app", "json"]
+__all__ = ["app"]
 
 
 @export_app.command("repository")
@@ -217,13 +212,15 @@ def export_repository_cmd(
     nlist: int = typer.Option(0, help="IVF cells (0: 4*sqrt(items))."),
     nprobe: int = typer.Option(0, help="IVF cells searched per query (0: nlist/16, at least 8)."),
     instances: int = typer.Option(1, help="Model instances per model."),
+    threads: int = typer.Option(1, help="Threads per model instance (ONNX Runtime intra-op, FAISS OpenMP); 0: all."),
 ):
     """Write a Triton model repository (configs via protobuf, FAISS index, manifest), atomically."""
     from recserve.export.index import IndexSpec
     from recserve.export.repository import RepoOptions, write_repository
 
     m = write_repository(artifacts, repository, RepoOptions(flavor=flavor, precision=precision, candidates=candidates,
-                                                            index=IndexSpec(index, nlist, nprobe), instances=instances))
+                                                            index=IndexSpec(index, nlist, nprobe), instances=instances,
+                                                            intra_op_threads=threads))
     i = m["index"]
     if m["tensorrt"]["note"] and not m["tensorrt"]["engines"]:
         typer.echo(m["tensorrt"]["note"])

@@ -19,8 +19,10 @@ class TritonPythonModel(BatchedModel):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
+        # several python-backend processes share the cores: idle threads must sleep, not spin
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(version_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         self.INPUTS = tuple(i.name for i in self.session.get_inputs())
         self.OUTPUTS = tuple(o.name for o in self.session.get_outputs())

@@ -55,6 +55,9 @@ class TritonPythonModel(BatchedModel):
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         import faiss
 
+        threads = int(params.get("omp_threads", "0"))
+        if threads:
+            faiss.omp_set_num_threads(threads)   # OpenMP threads spin; several processes share the cores
         meta = json.loads((version_dir / "index.json").read_text())
         check_item_tower(meta, self.repository)
         index = faiss.read_index(str(version_dir / "index.faiss"))
