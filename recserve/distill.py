@@ -15,7 +15,6 @@ Written into ARTIFACTS: ranker_teacher.pt, ranker_student.pt, distill.json; rank
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -36,7 +35,7 @@ from recserve.evaluate import Evaluator
 from recserve.export.onnx import export_model, random_inputs
 from recserve.models import Ranker, RankerConfig, TwoTower
 from recserve.reference import RANKER_INPUTS, item_vectors, ranker_batch, top_k_excluding, user_vectors
-from recserve.train import TrainConfig, _epochs, _log, ranker_examples, train_ranker
+from recserve.train import EarlyStopping, TrainConfig, _epochs, _log, ranker_examples, train_ranker
 
 TEACHER = {"emb_dim": 32, "cross_layers": 3, "hidden": [512, 256, 128], "dropout": 0.2}
 STUDENT = {"emb_dim": 8, "cross_layers": 1, "hidden": [32], "dropout": 0.1}
@@ -114,7 +113,7 @@ def train_student(data: dict[str, torch.Tensor], teacher_scores: torch.Tensor, r
     held_rows = torch.as_tensor(held)
     model = Ranker(ranker_cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ranker_lr, weight_decay=1e-6)
-    best, best_state, bad, history = float("inf"), None, 0, []
+    stopper, history = EarlyStopping(model, patience=2, higher_is_better=False), []
     bar = _epochs(cfg.ranker_epochs, "student", progress)
     for epoch in bar:
         model.train()
@@ -131,13 +130,9 @@ def train_student(data: dict[str, torch.Tensor], teacher_scores: torch.Tensor, r
         history.append({"epoch": epoch + 1, "held_out_ce": round(held_ce, 5),
                         "held_out_distill_loss": round(held_kd, 5)})
         bar.set_postfix(held_out_ce=f"{held_ce:.4f}")
-        if held_ce < best:
-            best, best_state, bad = held_ce, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= 2:
-                break
-    model.load_state_dict(best_state)
+        if stopper.step(held_ce):
+            break
+    best = stopper.restore()
     model.eval()
     info = {"held_out_ce": round(best, 5), "epochs": history, "fit_groups": int(len(fit_rows)),
             "held_out_groups": int(len(held))}

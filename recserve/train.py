@@ -55,6 +55,26 @@ def _epochs(n: int, desc: str, progress: bool):
     return tqdm(range(n), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
 
 
+class EarlyStopping:
+    """Keeps the best epoch's weights; says stop after `patience` epochs without improvement."""
+
+    def __init__(self, model: torch.nn.Module, patience: int, higher_is_better: bool = True):
+        self.model, self.patience, self.sign = model, patience, 1.0 if higher_is_better else -1.0
+        self.best, self.state, self.bad = None, None, 0
+
+    def step(self, score: float) -> bool:
+        """Record an epoch's validation score; True when training should stop."""
+        if self.best is None or self.sign * (score - self.best) > 0:
+            self.best, self.state, self.bad = score, copy.deepcopy(self.model.state_dict()), 0
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> float:
+        self.model.load_state_dict(self.state)
+        return self.best
+
+
 def _val_evaluator(ds: Dataset, cfg: TrainConfig) -> Evaluator:
     ev = Evaluator(ds, VALID)
     if len(ev.users) > cfg.max_eval_users:
@@ -77,7 +97,7 @@ def train_mf(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True
     opt = torch.optim.Adam(model.parameters(), lr=cfg.mf_lr)
     m = ds.mask(TRAIN)
     users, items = torch.as_tensor(ds.users[m]), torch.as_tensor(ds.items[m])
-    best, best_state, bad = -1.0, None, 0
+    stopper = EarlyStopping(model, cfg.patience)
     bar = _epochs(cfg.mf_epochs, "mf", progress)
     for _ in bar:
         model.train()
@@ -95,14 +115,9 @@ def train_mf(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True
         model.eval()
         score = ev.mf(model)["ndcg@10"]
         bar.set_postfix(loss=f"{loss.item():.4f}", val_ndcg10=f"{score:.4f}")
-        if score > best:
-            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    _log(f"  mf: best validation ndcg@10 {best:.4f}")
+        if stopper.step(score):
+            break
+    _log(f"  mf: best validation ndcg@10 {stopper.restore():.4f}")
     return model
 
 
@@ -119,7 +134,7 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
     genres, years = torch.as_tensor(ds.item_genres), torch.as_tensor(ds.item_year)
     counts = np.bincount(ds.items[rows], minlength=ds.n_items) + 1.0
     log_q = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
-    best, best_state, bad = -1.0, None, 0
+    stopper = EarlyStopping(model, cfg.patience)
     bar = _epochs(cfg.tower_epochs, "two_tower", progress)
     for _ in bar:
         model.train()
@@ -136,14 +151,9 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
         model.eval()
         score = ev.two_tower(model)["recall@50"]
         bar.set_postfix(loss=f"{loss.item():.3f}", val_recall50=f"{score:.4f}")
-        if score > best:
-            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    _log(f"  two_tower: best validation recall@50 {best:.4f}")
+        if stopper.step(score):
+            break
+    _log(f"  two_tower: best validation recall@50 {stopper.restore():.4f}")
     return model
 
 
@@ -194,7 +204,7 @@ def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: b
         scores = model(*[data[k][idx] for k in RANKER_INPUTS])                  # (b, 1 + negatives)
         return F.cross_entropy(scores, torch.zeros(len(idx), dtype=torch.long))
 
-    best, best_state, bad = float("inf"), None, 0
+    stopper = EarlyStopping(model, patience=2, higher_is_better=False)
     bar = _epochs(cfg.ranker_epochs, "ranker", progress)
     for _ in bar:
         model.train()
@@ -208,13 +218,9 @@ def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: b
         with torch.no_grad():
             held_loss = loss_of(held_rows).item()
         bar.set_postfix(held_out_loss=f"{held_loss:.4f}")
-        if held_loss < best:
-            best, best_state, bad = held_loss, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= 2:
-                break
-    model.load_state_dict(best_state)
+        if stopper.step(held_loss):
+            break
+    best = stopper.restore()
     _log(f"  ranker: {len(users)} groups of 1 positive + {cfg.ranker_negatives} mined negatives, "
          f"best held-out loss {best:.4f}")
     return model

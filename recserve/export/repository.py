@@ -12,7 +12,6 @@ Python-backend steps (user_features, retrieval, ranker_inputs, topk) are the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from tritonclient.grpc import model_config_pb2
 
 from recserve.errors import ArtifactError
 from recserve.export.index import IndexSpec, build_index, describe, recall_vs_exact
+from recserve.triton_models.retrieval import sha256_of
 
 PY_MODELS = ("user_features", "retrieval", "ranker_inputs", "topk")
 ONNX_MODELS = ("user_tower", "item_tower", "ranker")
@@ -174,14 +174,6 @@ def ensemble_config(meta: dict, opts: RepoOptions) -> dict:
                           "k": "k"}, same("item_ids", "scores", "titles")),
         ]},
     }
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _user_queries(artifacts: Path, limit: int = 2000) -> np.ndarray:
