@@ -226,6 +226,13 @@ def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: b
     return model
 
 
+def vocabularies(ds: Dataset) -> dict:
+    """Index -> raw value maps for every id and categorical feature the models embed."""
+    return {"user_ids": ds.user_ids.tolist(), "item_ids": ds.item_ids.tolist(), "genres": list(ds.genre_names),
+            "user_attributes": {name: list(ds.user_cat_vocab[name]) for name in ds.user_cat_names},
+            "history_padding_id": ds.n_items}
+
+
 def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = True) -> dict:
     """Train popularity, MF, two towers and ranker; write self-describing artifacts into `out`."""
     cfg = cfg or TrainConfig()
@@ -241,13 +248,15 @@ def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = T
          f"(train {int((ds.split == 0).sum())}, valid {int((ds.split == 1).sum())}, "
          f"test {int((ds.split == 2).sum())}), fingerprint {ds.fingerprint}")
     ev = _val_evaluator(ds, cfg)
+    # every checkpoint carries the vocabularies its indices refer to, so it can be read without dataset.npz
+    meta = {"train_config": asdict(cfg), "vocab": vocabularies(ds)}
     np.savez(out / "popularity.npz", counts=train_popularity(ds), fingerprint=ds.fingerprint)
     mf = train_mf(ds, cfg, ev, progress)
-    checkpoint.save(mf, "mf", out / "mf.pt", ds.fingerprint, train_config=asdict(cfg))
+    checkpoint.save(mf, "mf", out / "mf.pt", ds.fingerprint, **meta)
     two_tower = train_two_tower(ds, cfg, ev, progress)
-    checkpoint.save(two_tower, "two_tower", out / "two_tower.pt", ds.fingerprint, train_config=asdict(cfg))
+    checkpoint.save(two_tower, "two_tower", out / "two_tower.pt", ds.fingerprint, **meta)
     ranker = train_ranker(ds, two_tower, cfg, progress)
-    checkpoint.save(ranker, "ranker", out / "ranker.pt", ds.fingerprint, train_config=asdict(cfg))
+    checkpoint.save(ranker, "ranker", out / "ranker.pt", ds.fingerprint, **meta)
     summary = {"seconds": round(time.time() - t0, 1), "fingerprint": ds.fingerprint, "config": asdict(cfg)}
     (out / "train.json").write_text(json.dumps(summary, indent=2))
     _log(f"trained in {summary['seconds']} s -> {out}")

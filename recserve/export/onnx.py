@@ -14,6 +14,8 @@ Batch axes (and K) are dynamic. Opset 18.
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +73,13 @@ def export_model(module: nn.Module, name: str, example: dict[str, np.ndarray], p
         if name == "ranker" and n.startswith("cand_"):
             axes[1] = torch.export.Dim("candidates", min=1, max=1 << 16)
         dyn.append(axes)
-    torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=[OUTPUTS[name]],
-                      opset_version=OPSET, dynamic_shapes=tuple(dyn), external_data=False, dynamo=True,
-                      verbose=False, report=False)
+    # the exporter logs pages of notes (optional torchvision ops, renamed axes) that are not about our models
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=[OUTPUTS[name]],
+                          opset_version=OPSET, dynamic_shapes=tuple(dyn), external_data=False, dynamo=True,
+                          verbose=False, report=False)
 
 
 def compare(session: ort.InferenceSession, module: nn.Module, inputs: dict[str, np.ndarray]) -> dict[str, float]:

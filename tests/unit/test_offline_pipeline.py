@@ -101,6 +101,10 @@ def test_checkpoints_are_self_describing(artifacts: Path, ds: Dataset, kind: str
     model = cls(cfg_cls(**ckpt["model_args"]))
     model.load_state_dict(ckpt["state_dict"], strict=True)
     assert ckpt["train_config"]["seed"] == CONFIG.seed
+    vocab = ckpt["vocab"]    # indices -> raw ids and category values, without dataset.npz
+    assert vocab["user_ids"] == ds.user_ids.tolist() and vocab["item_ids"] == ds.item_ids.tolist()
+    assert vocab["genres"] == ds.genre_names and vocab["history_padding_id"] == ds.n_items
+    assert vocab["user_attributes"] == {n: ds.user_cat_vocab[n] for n in ds.user_cat_names}
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
