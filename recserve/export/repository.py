@@ -90,9 +90,11 @@ def model_io(meta: dict, k: int) -> dict[str, tuple[list[dict], list[dict]]]:
     C, H, D, G = len(meta["user_cat_names"]), meta["history_len"], meta["dim"], meta["n_genres"]
     scalar = {"reshape": []}   # [B, 1] on the wire, [B] in the ONNX model
     return {
-        "user_features": ([tensor("user_id", "INT64", [1])],
+        "user_features": ([tensor("user_id", "INT64", [1]), tensor("hour", "INT64", [1], optional=True),
+                           tensor("weekday", "INT64", [1], optional=True)],
                           [tensor("user_idx", "INT64", [1]), tensor("user_cats", "INT64", [C]),
-                           tensor("history", "INT64", [H])]),
+                           tensor("history", "INT64", [H]), tensor("context_hour", "INT64", [1]),
+                           tensor("context_weekday", "INT64", [1])]),
         "user_tower": ([tensor("user_idx", "INT64", [1], **scalar), tensor("user_cats", "INT64", [C]),
                         tensor("history", "INT64", [H])], [tensor("user_vec", "FP32", [D])]),
         "item_tower": ([tensor("item_idx", "INT64", [1], **scalar), tensor("item_genres", "FP32", [G]),
@@ -153,17 +155,20 @@ def ensemble_config(meta: dict, opts: RepoOptions) -> dict:
                 "input_map": dict(inputs), "output_map": dict(outputs)}
 
     same = lambda *names: {n: n for n in names}  # noqa: E731
-    ranker_in = same("user_idx", "user_cats", "user_vec", "hour", "weekday", "cand_idx", "cand_genres", "cand_year",
-                     "cand_pop", "cand_vec")
+    ranker_in = {**same("user_idx", "user_cats", "user_vec", "cand_idx", "cand_genres", "cand_year", "cand_pop",
+                        "cand_vec"), "hour": "ctx_hour", "weekday": "ctx_weekday"}
     return {
         "name": "recommend", "platform": "ensemble",
         # an ensemble may not batch more rows than its smallest member allows
         "max_batch_size": CANDIDATE_LEVEL_BATCH["max_batch_size"],
         "input": [tensor("user_id", "INT64", [1]), tensor("k", "INT32", [1]),
-                  tensor("hour", "INT64", [1]), tensor("weekday", "INT64", [1])],
+                  tensor("hour", "INT64", [1], optional=True), tensor("weekday", "INT64", [1], optional=True)],
         "output": [tensor("item_ids", "INT64", [-1]), tensor("scores", "FP32", [-1]), tensor("titles", "STRING", [-1])],
         "ensemble_scheduling": {"step": [
-            step("user_features", same("user_id"), same("user_idx", "user_cats", "history")),
+            # hour / weekday are optional: user_features passes them on, or the current UTC time
+            step("user_features", same("user_id", "hour", "weekday"),
+                 {**same("user_idx", "user_cats", "history"), "context_hour": "ctx_hour",
+                  "context_weekday": "ctx_weekday"}),
             step("user_tower", same("user_idx", "user_cats", "history"), same("user_vec")),
             # candidate_scores are not needed: the ranker recomputes the dot product as a feature
             step("retrieval", same("user_vec"), same("candidate_idx")),

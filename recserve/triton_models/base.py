@@ -24,6 +24,7 @@ class BatchedModel:
     """
 
     INPUTS: tuple[str, ...] = ()
+    OPTIONAL: tuple[str, ...] = ()   # may be absent from a request; `fill_defaults` supplies them
     OUTPUTS: tuple[str, ...] = ()
 
     def initialize(self, args: dict) -> None:
@@ -44,6 +45,9 @@ class BatchedModel:
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """Raise RequestError when one request's values are unusable."""
 
+    def fill_defaults(self, inputs: dict[str, np.ndarray], rows: int) -> None:
+        """Add the OPTIONAL inputs a request did not send (in place)."""
+
     def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -58,16 +62,21 @@ class BatchedModel:
         good, batches = [], []
         for r, request in enumerate(requests):
             inputs = {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.INPUTS}
+            sent = {n: pb.get_input_tensor_by_name(request, n) for n in self.OPTIONAL}
+            inputs.update({n: t.as_numpy() for n, t in sent.items() if t is not None})
             try:
+                if len(inputs) < len(self.INPUTS) + len(self.OPTIONAL):
+                    self.fill_defaults(inputs, len(inputs[self.INPUTS[0]]))
                 self.validate(inputs)
             except RequestError as exc:
                 log.warning("%s: rejected a request: %s", self.model_name, exc)
-                responses[r] = pb.InferenceResponse(error=pb.TritonError(str(exc)))
+                # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT, the client's mistake, not the server's
+                responses[r] = pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
                 continue
             good.append(r)
             batches.append(inputs)
         if good:
-            merged = {n: np.concatenate([b[n] for b in batches]) for n in self.INPUTS}
+            merged = {n: np.concatenate([b[n] for b in batches]) for n in (*self.INPUTS, *self.OPTIONAL)}
             outputs = self.compute(merged)
             for r, out in zip(good, self.split(outputs, [len(b[self.INPUTS[0]]) for b in batches])):
                 tensors = [pb.Tensor(n, np.ascontiguousarray(out[n]).astype(self.out_dtypes[n], copy=False))

@@ -113,6 +113,34 @@ def test_http_json_request_as_in_the_readme_curl_example(served):
     assert outputs["item_ids"]["shape"] == [1, 5] and len(outputs["titles"]["data"]) == 5
 
 
+def test_context_is_optional_and_defaults_to_the_current_utc_time(served):
+    from recserve.triton_models.user_features import now_context
+
+    user = user_ids(served, 1)[0]
+    url = f"http://{served.url('http')}/v2/models/recommend/infer"
+
+    def post(extra):
+        inputs = [{"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [user]},
+                  {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [5]}] + extra
+        r = requests.post(url, json={"inputs": inputs}, timeout=30)
+        assert r.status_code == 200, r.text
+        return {o["name"]: o["data"] for o in r.json()["outputs"]}
+
+    before = now_context()
+    implicit = post([])
+    hour, weekday = now_context()
+    explicit = post([{"name": "hour", "shape": [1, 1], "datatype": "INT64", "data": [hour]},
+                     {"name": "weekday", "shape": [1, 1], "datatype": "INT64", "data": [weekday]}])
+    if before == (hour, weekday):          # the hour did not turn between the two requests
+        assert implicit["item_ids"] == explicit["item_ids"]
+        np.testing.assert_allclose(implicit["scores"], explicit["scores"], rtol=1e-6)
+    bad = requests.post(url, json={"inputs": [
+        {"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [user]},
+        {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [5]},
+        {"name": "hour", "shape": [1, 1], "datatype": "INT64", "data": [24]}]}, timeout=30)
+    assert bad.status_code == 400 and "hour=24 is out of range" in bad.text
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_unknown_user_and_bad_k_get_clear_typed_errors(served, protocol):
     with RecClient(served.url(protocol), protocol) as client:
