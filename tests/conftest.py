@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from recserve.train import TrainConfig
+
+TINY_DATA = {"n_users": 300, "n_items": 240, "n_interactions": 9000, "seed": 7}
+TINY_TRAIN = TrainConfig(tower_epochs=4, mf_epochs=2, ranker_epochs=2, candidates=60)
+
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 
 
@@ -15,3 +20,35 @@ def pytest_collection_modifyitems(items):
         for folder in ("unit", "integration"):
             if folder in parts:
                 item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config() -> TrainConfig:
+    """The TrainConfig `tiny_artifacts` was trained with."""
+    return TINY_TRAIN
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> Path:
+    """Trained, evaluated and ONNX-exported on a tiny synthetic set, once per session.
+
+    Shared by the integration server, the INT8 and the distillation tests; a test that writes into the
+    artifacts works on a copy.
+    """
+    import torch
+
+    from recserve.data import generate
+    from recserve.evaluate import evaluate_artifacts
+    from recserve.export.onnx import export_onnx
+    from recserve.train import train_all
+
+    out = tmp_path_factory.mktemp("tiny_artifacts")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)      # tiny models: one thread is as fast and never spin-waits on a busy core
+    try:
+        train_all(generate(**TINY_DATA), out, TINY_TRAIN, progress=False)
+        evaluate_artifacts(out)
+        export_onnx(out)
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recserve.data import generate
 from recserve.errors import ServerError
-from recserve.evaluate import evaluate_artifacts
-from recserve.export.onnx import export_onnx
 from recserve.export.repository import write_repository
 from recserve.server import TritonServer, find_tritonserver, free_port
-from recserve.train import TrainConfig, train_all
 
-TINY = {"n_users": 300, "n_items": 240, "n_interactions": 9000}
-TINY_TRAIN = TrainConfig(tower_epochs=4, mf_epochs=3, ranker_epochs=2, candidates=60)
 CANDIDATES = 60
 
 
@@ -34,12 +28,8 @@ class Served:
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("artifacts")
-    train_all(generate(**TINY, seed=7), out, TINY_TRAIN, progress=False)
-    evaluate_artifacts(out)
-    export_onnx(out)
-    return out
+def artifacts(tiny_artifacts) -> Path:
+    return tiny_artifacts
 
 
 @pytest.fixture(scope="session")

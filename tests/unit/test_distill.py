@@ -65,13 +65,12 @@ def test_teacher_receives_no_gradient():
 # --- a tiny end-to-end run ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from recserve.data import generate
-    from recserve.train import TrainConfig, train_all
+def run(tiny_artifacts, tiny_train_config, tmp_path_factory):
+    import shutil
 
-    art = tmp_path_factory.mktemp("art")
-    cfg = TrainConfig(tower_epochs=3, mf_epochs=2, ranker_epochs=2, candidates=60)
-    train_all(generate(300, 240, 9000, seed=7), art, cfg, progress=False)
+    art = tmp_path_factory.mktemp("distill") / "artifacts"
+    shutil.copytree(tiny_artifacts, art)     # distilling writes into the artifacts
+    cfg = tiny_train_config
     before = _sha(art / "ranker.pt")
     # A mid-sized teacher and no timing of ranker.pt keep this quick; the defaults are for real data.
     report = dst.distill(art, cfg, teacher_cfg=TINY_TEACHER, alpha=0.5, temperature=2.0, progress=False,

@@ -13,13 +13,9 @@ import pytest
 import torch
 
 from recserve.bench import bench_int8, format_bench
-from recserve.data import generate
 from recserve.data.dataset import Dataset
 from recserve.errors import ArtifactError, GateError
-from recserve.evaluate import evaluate_artifacts
 from recserve.export import quantize as q
-from recserve.export.onnx import export_onnx
-from recserve.train import TrainConfig, train_all
 
 pytestmark = pytest.mark.unit
 
@@ -38,12 +34,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("int8")
-    train_all(generate(300, 240, 9000, seed=7), out,
-              TrainConfig(tower_epochs=4, mf_epochs=2, ranker_epochs=2, candidates=60), progress=False)
-    evaluate_artifacts(out)
-    export_onnx(out)
+def artifacts(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "artifacts"
+    shutil.copytree(tiny_artifacts, out)     # quantizing writes into the artifacts
     q.quantize_artifacts(out, calibration_rows=2000, seed=0, gate=True)
     return out
 
