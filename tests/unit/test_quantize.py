@@ -154,10 +154,10 @@ def test_tensorrt_target_writes_symmetric_int8_qdq_with_float_biases(artifacts, 
 
 
 def test_bench_int8_returns_positive_timings_for_every_model_and_thread_setting(artifacts):
-    rows = bench_int8(artifacts, candidates=50, repeats=3, threads=(1, 0), batch=32, warmup=1)
-    assert [(r["model"], r["threads"]) for r in rows] == [(m, t) for m in ("ranker", "user_tower", "item_tower")
-                                                          for t in (1, 0)]
-    assert rows[0]["rows_per_request"] == 50 and rows[2]["rows_per_request"] == 32
+    rows = bench_int8(artifacts, candidates=50, repeats=3, threads=(1, 0), batch=32, warmup=1, ranker_users=(1, 8))
+    assert [(r["model"], r["threads"]) for r in rows] == [
+        (m, t) for m in ("ranker", "ranker", "user_tower", "item_tower") for t in (1, 0)]
+    assert [r["rows_per_request"] for r in rows[::2]] == [50, 8 * 50, 32, 32]
     for r in rows:
         for p in ("fp32", "int8"):
             assert 0 < r[f"{p}_ms_median"] <= r[f"{p}_ms_p90"] and r[f"{p}_rows_per_s"] > 0
