@@ -197,3 +197,14 @@ def test_native_flavor_repository_is_written_and_every_config_parses(artifacts, 
     assert platforms["ranker"] == platforms["user_tower"] == "onnxruntime_onnx"
     assert platforms["recommend"] == "ensemble" and platforms["retrieval"] == "python"
     assert not (tmp_path / "native" / "ranker" / "1" / "model.py").exists()
+
+
+def test_the_readme_tritonclient_example_runs_against_the_server(served, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "InferenceServerClient" in b)
+    exec(block.replace("127.0.0.1:8001", served.url("grpc")), {})   # the README's user 1 exists in the data
+    printed = capsys.readouterr().out
+    assert "[[" in printed and "Item" in printed     # item ids, scores and titles came back
