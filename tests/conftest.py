@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(getattr(pytest.mark, folder))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Test models are tiny: one thread is as fast, and never spin-waits for a busy second core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_train_config() -> TrainConfig:
     """The TrainConfig `tiny_artifacts` was trained with."""
@@ -44,7 +55,7 @@ def tiny_artifacts(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_artifacts")
     before = torch.get_num_threads()
-    torch.set_num_threads(1)      # tiny models: one thread is as fast and never spin-waits on a busy core
+    torch.set_num_threads(1)     # a session fixture is set up before the module-scoped one_torch_thread
     try:
         train_all(generate(**TINY_DATA), out, TINY_TRAIN, progress=False)
         evaluate_artifacts(out)

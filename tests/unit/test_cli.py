@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from recserve.cli import app
@@ -14,15 +13,6 @@ from recserve.evaluate import METRICS, MODELS
 pytestmark = pytest.mark.unit
 
 EPOCHS = ["--tower-epochs", "1", "--mf-epochs", "1", "--ranker-epochs", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one thread is as fast, and does not spin-wait for a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

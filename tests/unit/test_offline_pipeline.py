@@ -31,15 +31,6 @@ MAX_REL_ERROR = 1e-5
 ONNX_INPUTS = {**TOWER_INPUTS, "ranker": RANKER_INPUTS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one thread is as fast, and does not spin-wait for a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("artifacts")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from recserve.bench import bench_int8, format_bench
 from recserve.data.dataset import Dataset
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.unit
 # largest |FP32 output|, stays under 5e-2 (measured on this data: < 1e-2 for every model; 8-bit activations
 # alone put the step at ~1/255 of each tensor's range, and a few layers add their errors up).
 MAX_REL_ERROR = 5e-2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
