@@ -126,9 +126,9 @@ class Reference:
         self.item_vecs = item_vectors(self.two_tower, self.ds)
         self.candidates = min(candidates, self.ds.n_items)
 
-    def retrieve(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Serving semantics: exact top-K by inner product, then known items masked (returned as a bool mask)."""
-        uv = user_vectors(self.two_tower, self.tables.users(users))
+    def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Serving semantics: exact top-K of the user vectors `uv` by inner product, then the users' known
+        items masked (returned as a bool mask)."""
         scores = uv @ self.item_vecs.T
         cand = np.argsort(-scores, axis=1, kind="stable")[:, :self.candidates]
         valid = np.ones(cand.shape, dtype=bool)
@@ -143,6 +143,6 @@ class Reference:
 
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
-        cand, valid = self.retrieve(users)
+        cand, valid = self.retrieve(users, uv)
         scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
         return [top_k(scores[r], cand[r], valid[r], k) for r in range(len(users))]

@@ -313,8 +313,6 @@ class TritonServer:
         # The stub runs the first python on PATH: make it this environment's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # the python-backend stub would otherwise write __pycache__ into the served (hashed) repository
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
         self._backend_dir = backend_dir
         # Closed by the reader thread when the server's output ends.
         self._log_handle = open(self._log_path, "w", encoding="utf-8")
