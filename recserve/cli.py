@@ -207,25 +207,28 @@ def export_repository_cmd(
     repository: Path = typer.Option(Path("model_repository"), "--repository", help="Where to write it."),
     flavor: str = typer.Option("embedded", help="embedded (pip tritonserver) or native (NGC container)."),
     precision: str = typer.Option("fp32", help="fp32 or int8 (int8 needs `export onnx --precision int8`)."),
-    candidates: int = typer.Option(500, help="Candidates retrieved per user and re-ranked."),
+    candidates: int = typer.Option(500, help="K: candidates retrieved per user and ranked."),
+    k_max: int = typer.Option(100, "--k-max", help="The most items one response may carry (requests ask 1..k-max)."),
     index: str = typer.Option("auto", help="auto (exact below 100k items, IVF above), flat, ivf or ivfpq."),
     nlist: int = typer.Option(0, help="IVF cells (0: 4*sqrt(items))."),
     nprobe: int = typer.Option(0, help="IVF cells searched per query (0: nlist/16, at least 8)."),
     instances: int = typer.Option(1, help="Model instances per model."),
-    threads: int = typer.Option(1, help="Threads per model instance (ONNX Runtime intra-op, FAISS OpenMP); 0: all."),
+    ranker_threads: int = typer.Option(2, help="ONNX Runtime threads of the ranker instance (0: all cores)."),
+    threads: int = typer.Option(1, help="Threads of the user and retrieval steps (user tower, FAISS)."),
 ):
     """Write a Triton model repository (configs via protobuf, FAISS index, manifest), atomically."""
     from recserve.export.index import IndexSpec
-    from recserve.export.repository import RepoOptions, write_repository
+    from recserve.serving.repository import RepoOptions, write_repository
 
-    m = write_repository(artifacts, repository, RepoOptions(flavor=flavor, precision=precision, candidates=candidates,
-                                                            index=IndexSpec(index, nlist, nprobe), instances=instances,
-                                                            intra_op_threads=threads))
+    m = write_repository(artifacts, repository, RepoOptions(
+        flavor=flavor, precision=precision, candidates=candidates, k_max=k_max, index=IndexSpec(index, nlist, nprobe),
+        instances=instances, ranker_threads=ranker_threads, step_threads=threads))
     i = m["index"]
     if m["tensorrt"]["note"] and not m["tensorrt"]["engines"]:
         typer.echo(m["tensorrt"]["note"])
-    typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {len(m['models'])} models, K={m['candidates']}, "
-               f"index {i['spec']['kind']} recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
+    typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {' -> '.join(m['path'])}, "
+               f"K={m['candidates']}, k <= {m['k_max']}, index {i['spec']['kind']} "
+               f"recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
 
 
 @app.command()

@@ -10,7 +10,7 @@ import numpy as np
 from recserve.data import generate, load_movielens, write_ml1m
 from recserve.evaluate import evaluate_artifacts, format_table
 from recserve.export.onnx import export_onnx
-from recserve.export.repository import write_repository
+from recserve.serving.repository import write_repository
 from recserve.train import TrainConfig, train_all
 
 DEMO_SYNTH = {"n_users": 3000, "n_items": 2000, "n_interactions": 150_000}

@@ -34,7 +34,8 @@ from recserve.errors import ArtifactError, RecserveError
 from recserve.evaluate import Evaluator
 from recserve.export.onnx import export_model, random_inputs
 from recserve.models import Ranker, RankerConfig, TwoTower
-from recserve.reference import RANKER_INPUTS, item_vectors, ranker_batch, top_k_excluding, user_vectors
+from recserve.ranking import candidates as candidate_rule
+from recserve.reference import RANKER_INPUTS, item_vectors, ranker_batch, user_vectors
 from recserve.train import EarlyStopping, TrainConfig, _epochs, _log, ranker_examples, train_ranker
 
 TEACHER = {"emb_dim": 32, "cross_layers": 3, "hidden": [512, 256, 128], "dropout": 0.2}
@@ -149,7 +150,7 @@ def latency_requests(ds: Dataset, two_tower: TwoTower, candidates: int = 500, n_
     f = ev.tables.users(users)
     uv = user_vectors(two_tower, f)
     iv = item_vectors(two_tower, ds)
-    cand = top_k_excluding(uv @ iv.T, users, ev.tables, candidates)
+    cand = np.maximum(candidate_rule(uv @ iv.T, users, ev.seen, candidates), 0)
     batch = ranker_batch(ev.tables, f, uv, ev.hour[pick], ev.weekday[pick], cand, iv)
     return [{k: np.ascontiguousarray(batch[k][r:r + 1]) for k in RANKER_INPUTS} for r in range(len(users))]
 

@@ -15,21 +15,13 @@ import torch
 
 from recserve import checkpoint
 from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
-from recserve.reference import (
-    Tables,
-    context_of,
-    item_vectors,
-    known_splits,
-    rank,
-    ranker_batch,
-    top_k_excluding,
-    user_vectors,
-)
+from recserve.ranking import Seen, candidates, top_k
+from recserve.reference import Tables, context_of, item_vectors, known_splits, rank, ranker_batch, user_vectors
 
 KS = (10, 20, 50)
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "hr@10", "coverage@10")
 MODELS = ("popularity", "mf", "two_tower", "two_tower+ranker")
-RERANK_CANDIDATES = 500
+RERANK_CANDIDATES = 500   # K, as served (`export repository --candidates`)
 
 
 def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int) -> dict[str, float]:
@@ -50,7 +42,8 @@ def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int) -> d
         out["hr@10"] += float(hit[:10].any())
     n = max(len(truth), 1)
     out = {k: v / n for k, v in out.items()}
-    out["coverage@10"] = len(np.unique(top[:, :10])) / n_items
+    shown = top[:, :10]
+    out["coverage@10"] = len(np.unique(shown[shown >= 0])) / n_items
     return {m: round(float(out[m]), 5) for m in METRICS}
 
 
@@ -77,9 +70,13 @@ class Evaluator:
         tops = []
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
-            tops.append(top_k_excluding(scores_fn(u), u, self.tables, max(KS)))
+            tops.append(candidates(scores_fn(u), u, self.seen, max(KS)))
         top = np.concatenate(tops)
         return ranking_metrics(top, self.truth, self.ds.n_items), top
+
+    @property
+    def seen(self) -> Seen:
+        return Seen(self.tables.seen_indptr, self.tables.seen)
 
     def popularity(self, counts: np.ndarray) -> dict[str, float]:
         return self._metrics(lambda u: np.broadcast_to(counts.astype(np.float32), (len(u), len(counts))))[0]
@@ -93,21 +90,23 @@ class Evaluator:
         return self._metrics(lambda u: user_vectors(model, self.tables.users(u)) @ iv.T)[0]
 
     def two_tower_ranker(self, two_tower, ranker, candidates: int = RERANK_CANDIDATES, batch: int = 256):
-        """Retrieve `candidates` with the two towers (known items excluded), re-order them with the ranker."""
+        """Retrieve `candidates` with the two towers by the candidate rule, re-order them with the ranker."""
+        return ranking_metrics(self.served_lists(two_tower, ranker, candidates, batch), self.truth, self.ds.n_items)
+
+    def served_lists(self, two_tower, ranker, k: int = RERANK_CANDIDATES, batch: int = 256) -> np.ndarray:
+        """(users, 50) what the served path answers: the candidate rule, the ranker, top-k (`recserve.ranking`)."""
         iv = item_vectors(two_tower, self.ds)
         tops = []
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
             f = self.tables.users(u)
             uv = user_vectors(two_tower, f)
-            cand = top_k_excluding(uv @ iv.T, u, self.tables, candidates)
+            cand = candidates(uv @ iv.T, u, self.seen, k)
             sl = slice(s, s + batch)
-            scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl], cand, iv))
-            # known items fill the candidate list when the catalogue is small: the ranker must not bring them back
-            known = np.stack([np.isin(c, self.tables.seen_of(x)) for c, x in zip(cand, u)])
-            scores = np.where(known, -np.inf, scores)
-            tops.append(np.take_along_axis(cand, np.argsort(-scores, axis=1, kind="stable")[:, :max(KS)], 1))
-        return ranking_metrics(np.concatenate(tops), self.truth, self.ds.n_items)
+            scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl],
+                                               np.maximum(cand, 0), iv))
+            tops.append(top_k(scores, cand, max(KS))[0])
+        return np.concatenate(tops)
 
 
 def evaluate_artifacts(artifacts: Path) -> dict:

@@ -1,7 +1,8 @@
 """In-process retrieve-then-rank with the PyTorch models and exact search.
 
-This is the reference every optimised path (ONNX, INT8, FAISS ANN, Triton ensemble) is compared with,
-and what offline evaluation runs.
+This is the reference every optimised path (ONNX, INT8, FAISS ANN, Triton ensemble) is compared with. It is
+written independently of what it checks: it imports neither `recserve.ranking` nor the served steps.
+Its feature helpers (`Tables`, `user_vectors`, `ranker_batch`, `rank`) are shared with training and evaluation.
 """
 
 from __future__ import annotations
@@ -68,17 +69,6 @@ def item_vectors(model: TwoTower, ds: Dataset, batch: int = 65536) -> np.ndarray
     return np.concatenate(out)
 
 
-def top_k_excluding(scores: np.ndarray, users: np.ndarray, tables: Tables, k: int) -> np.ndarray:
-    """Row-wise top-k item indices of `scores` (B, I), with each user's known items excluded."""
-    scores = scores.copy()
-    for r, u in enumerate(users):
-        scores[r, tables.seen_of(u)] = -np.inf
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, 1)
-
-
 def ranker_batch(tables: Tables, f: UserFeatures, user_vec: np.ndarray, hour: np.ndarray, weekday: np.ndarray,
                  cand: np.ndarray, item_vecs: np.ndarray) -> dict[str, np.ndarray]:
     """Gather the ranker's inputs for a (B, K) block of candidate item indices."""
@@ -127,22 +117,24 @@ class Reference:
         self.candidates = min(candidates, self.ds.n_items)
 
     def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Serving semantics: exact top-K of the user vectors `uv` by inner product, then the users' known
-        items masked (returned as a bool mask)."""
+        """Exact search by inner product over every item the user has not seen: (B, K) item indices, best
+        first (ties to the lower index), and which of them are real (False where fewer than K items are unseen)."""
         scores = uv @ self.item_vecs.T
-        cand = np.argsort(-scores, axis=1, kind="stable")[:, :self.candidates]
-        valid = np.ones(cand.shape, dtype=bool)
         for r, u in enumerate(users):
-            valid[r] = ~np.isin(cand[r], self.tables.seen_of(u))
-        return cand, valid
+            scores[r, self.tables.seen_of(u)] = -np.inf
+        cand = np.argsort(-scores, axis=1, kind="stable")[:, :self.candidates]
+        return cand, np.isfinite(np.take_along_axis(scores, cand, 1))
 
     def recommend(self, users: np.ndarray, hour: np.ndarray, weekday: np.ndarray, k: int
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per user, (item indices, ranker scores) of the top k, as the `recommend` ensemble computes them."""
-        from recserve.triton_models.topk import top_k
-
+        """Per user, (item indices, ranker scores) of the best k of the K candidates, best first."""
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
-        cand, valid = self.retrieve(users, uv)
+        cand, real = self.retrieve(users, uv)
         scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
-        return [top_k(scores[r], cand[r], valid[r], k) for r in range(len(users))]
+        out = []
+        for r in range(len(users)):
+            order = np.argsort(-np.where(real[r], scores[r], -np.inf), kind="stable")[:k]
+            order = order[real[r][order]]
+            out.append((cand[r][order], scores[r][order]))
+        return out

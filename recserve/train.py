@@ -22,7 +22,8 @@ from recserve import checkpoint
 from recserve.data.dataset import TRAIN, VALID, Dataset, build_dataset
 from recserve.evaluate import Evaluator
 from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
-from recserve.reference import RANKER_INPUTS, context_of, item_vectors, ranker_batch, top_k_excluding, user_vectors
+from recserve.ranking import candidates
+from recserve.reference import RANKER_INPUTS, context_of, item_vectors, ranker_batch, user_vectors
 
 
 @dataclass
@@ -167,13 +168,13 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig) -> dict[
     v_users, v_items, v_ts = ds.users[m], ds.items[m], ds.timestamps[m]
     f = ev.tables.users(ev.users)
     uv = user_vectors(two_tower, f)
-    cand = top_k_excluding(uv @ iv.T, ev.users, ev.tables, cfg.candidates)
+    cand = candidates(uv @ iv.T, ev.users, ev.seen, cfg.candidates)   # the served candidate rule
     row_of = {u: r for r, u in enumerate(ev.users)}
     groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
     for n, (u, i) in enumerate(zip(v_users, v_items)):
         r = row_of[u]
-        # with a small catalogue the top-K reaches the user's own (excluded, -inf) training items: not negatives
-        pool = cand[r][~np.isin(cand[r], ev.truth[r]) & ~np.isin(cand[r], ev.tables.seen_of(u))]
+        # the rule already left the user's known items out; padding (a small catalogue) and positives are no negatives
+        pool = cand[r][(cand[r] >= 0) & ~np.isin(cand[r], ev.truth[r])]
         groups[n, 0] = i
         groups[n, 1:] = rng.choice(pool, cfg.ranker_negatives, replace=len(pool) < cfg.ranker_negatives)
     rows = np.array([row_of[u] for u in v_users])

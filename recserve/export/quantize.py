@@ -40,7 +40,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from recserve.data.dataset import TEST, TRAIN, Dataset
 from recserve.errors import ArtifactError, GateError
 from recserve.evaluate import RERANK_CANDIDATES, Evaluator
-from recserve.reference import Tables, context_of, item_vectors, ranker_batch, top_k_excluding, user_vectors
+from recserve.ranking import Seen, candidates, overlap_at_k
+from recserve.reference import Tables, context_of, item_vectors, ranker_batch, user_vectors
 
 MODELS = ("user_tower", "item_tower", "ranker")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
@@ -122,7 +123,7 @@ def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 # ---- calibration rows --------------------------------------------------------------------------------------
 
-def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candidates: int = RERANK_CANDIDATES
+def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candidates_k: int = RERANK_CANDIDATES
                         ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Real training-period inputs for each model, `rows` rows each, drawn reproducibly from `seed`.
 
@@ -151,7 +152,7 @@ def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candi
     u = np.sort(rng.choice(train_users, n_u, replace=False))
     f = tables.users(u)
     uv = run(ut, {"user_idx": f.user_idx, "user_cats": f.user_cats, "history": f.history})
-    cand = top_k_excluding(uv @ iv.T, u, tables, min(candidates, ds.n_items))
+    cand = np.maximum(candidates(uv @ iv.T, u, Seen(tables.seen_indptr, tables.seen), min(candidates_k, ds.n_items)), 0)
     per = min(cand.shape[1], math.ceil(rows / n_u))
     cand = np.stack([rng.choice(c, per, replace=False) for c in cand])                     # (n_u, per)
     last = np.searchsorted(ds.users[train], u, side="right") - 1                           # rows sorted by user
@@ -423,9 +424,8 @@ def retrieval_overlap(ev: Evaluator, a: SimpleNamespace, b: SimpleNamespace, k: 
     for towers in (a, b):
         iv = item_vectors(towers, ev.ds)
         uv = user_vectors(towers, ev.tables.users(ev.users))
-        tops.append(top_k_excluding(uv @ iv.T, ev.users, ev.tables, k))
-    k = tops[0].shape[1]
-    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(*tops)])) if len(ev.users) else 1.0
+        tops.append(candidates(uv @ iv.T, ev.users, ev.seen, k))
+    return overlap_at_k(*tops, min(k, ev.ds.n_items))
 
 
 def _rel(new: float, old: float) -> float:

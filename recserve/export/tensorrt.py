@@ -78,7 +78,7 @@ class EngineRunner:
         import tensorrt as trt
         import torch
 
-        self.torch = torch
+        self.torch, self.trt = torch, trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         self.context = self.engine.create_execution_context()
@@ -87,7 +87,7 @@ class EngineRunner:
         self.outputs = [n for n in names if n not in self.inputs]
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
+        torch, trt = self.torch, self.trt
         bufs = {n: torch.as_tensor(np.ascontiguousarray(feed[n])).cuda() for n in self.inputs}
         for n, t in bufs.items():
             self.context.set_input_shape(n, tuple(t.shape))
@@ -95,7 +95,8 @@ class EngineRunner:
         outs = {}
         for n in self.outputs:
             shape = tuple(self.context.get_tensor_shape(n))
-            outs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            dtype = torch.int64 if self.engine.get_tensor_dtype(n) == trt.int64 else torch.float32
+            outs[n] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(n, outs[n].data_ptr())
         stream = torch.cuda.current_stream()
         self.context.execute_async_v3(stream.cuda_stream)
@@ -107,30 +108,23 @@ ENGINE_MAX_REL_ERROR = 0.05     # INT8 engine vs ONNX Runtime FP32, relative to 
 ENGINE_MIN_TOP10_OVERLAP = 0.9  # ranker: share of the FP32 top 10 the engine keeps
 
 
-def verify_engine(plan: Path, fp32_onnx: Path, name: str, meta: dict, candidates: int) -> dict:
-    """Engine vs ONNX Runtime FP32 on valid inputs; raises GateError when it drifts past the limits."""
+def verify_engine(plan: Path, fp32_onnx: Path, feed: dict[str, np.ndarray]) -> dict:
+    """The served ranker's engine vs ONNX Runtime on real rows; raises GateError past the limits."""
     import onnxruntime as ort
 
     from recserve.errors import GateError
-    from recserve.export.onnx import random_inputs
+    from recserve.ranking import overlap_at_k
 
-    class _Shape:  # the fields random_inputs reads
-        n_users, n_items, n_genres = meta["n_users"], meta["n_items"], meta["n_genres"]
-        user_cat_cards = meta["user_cat_cards"]
-
-    feed = random_inputs(name, _Shape, meta["history_len"], meta["dim"], 8, candidates, seed=11)
-    want = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    got = next(iter(EngineRunner(plan)(feed).values()))
-    rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
-    report = {"max_rel_error": rel}
-    if name == "ranker":
-        k = min(10, want.shape[1])
-        top_w, top_g = np.argsort(-want, 1)[:, :k], np.argsort(-got, 1)[:, :k]
-        report["top10_overlap"] = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(top_w, top_g)]))
-        if report["top10_overlap"] < ENGINE_MIN_TOP10_OVERLAP:
-            raise GateError(f"TensorRT {name} engine keeps {report['top10_overlap']:.3f} of the FP32 top 10 "
-                            f"(limit {ENGINE_MIN_TOP10_OVERLAP}); export with --precision fp32")
+    names = ["item_ids", "scores"]
+    want = dict(zip(names, ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).run(names, feed)))
+    got = EngineRunner(plan)(feed)
+    real = want["item_ids"] >= 0
+    rel = float(np.abs(got["scores"] - want["scores"])[real].max() / max(np.abs(want["scores"][real]).max(), 1e-12))
+    report = {"max_rel_error": rel, "top10_overlap": overlap_at_k(got["item_ids"], want["item_ids"], 10)}
+    if report["top10_overlap"] < ENGINE_MIN_TOP10_OVERLAP:
+        raise GateError(f"TensorRT ranker engine keeps {report['top10_overlap']:.3f} of the FP32 top 10 "
+                        f"(limit {ENGINE_MIN_TOP10_OVERLAP}); export with --precision fp32")
     if rel > ENGINE_MAX_REL_ERROR:
-        raise GateError(f"TensorRT {name} engine differs from ONNX Runtime FP32 by {rel:.3f} (relative; limit "
-                        f"{ENGINE_MAX_REL_ERROR}); export with --precision fp32")
+        raise GateError(f"TensorRT ranker engine's scores differ from ONNX Runtime FP32 by {rel:.3f} (relative; "
+                        f"limit {ENGINE_MAX_REL_ERROR}); export with --precision fp32")
     return report

@@ -1,0 +1,290 @@
+"""Classic collaborative-filtering baselines (popularity, EASE, item-kNN, ALS), tuned on validation.
+
+Why: the neural models in `recserve.train` only mean something next to well-tuned classic baselines that see the
+same data. Every baseline here is fitted on a binary user x item matrix, tuned by validation ndcg@10 (fitted on
+TRAIN, scored on VALID), then refitted with the chosen setting on TRAIN + VALID and scored on TEST, which is what
+the neural models' test rows know about a user too. Scoring goes through `Evaluator._metrics`, so the candidate
+rule (known items excluded, full ranking) and the metrics are the project's own.
+
+Each model has `fit(X)` on a `scipy.sparse.csr_matrix` and `scores(users) -> (len(users), n_items) float32` for
+rows of the X it was fitted on. No torch here; ALS comes from the `implicit` package (CPU build).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import scipy.sparse as sp
+
+from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
+from recserve.evaluate import Evaluator
+
+EASE_MAX_ITEMS = 30_000   # B is a dense I x I float64 matrix: 30k items is already ~7 GB
+ALS_ITERATIONS = 15
+KNN_BLOCK = 1024          # item columns per block when building the similarity: bounds memory at I x KNN_BLOCK
+TUNE_METRIC = "ndcg@10"
+
+TIE_BREAK = "recall@50"     # ranking_metrics rounds to 5 decimals, so equal ndcg@10 happens (ML-100K EASE 50/100)
+
+# The grids. Each model's grid is tried in a seeded random order, so a short budget tries a random subset.
+# They were widened where the validation optimum on ML-100K sat on an edge of a first, narrower grid
+# (ALS: regularization 1 was the largest and alpha 1 the smallest tried; item-kNN: 200 neighbours the most).
+EASE_GRID = [{"lam": lam} for lam in (20, 50, 100, 200, 500, 1000, 2000)]
+ALS_GRID = [
+    {"factors": f, "regularization": r, "alpha": a, "iterations": ALS_ITERATIONS}
+    for f, r, a in itertools.product((32, 64, 128), (0.1, 1.0, 10.0), (1.0, 2.0, 5.0))
+]
+KNN_GRID = [
+    {"neighbours": k, "shrink": s} for k, s in itertools.product((20, 50, 100, 200, 400), (0.0, 10.0, 50.0, 100.0))
+]
+
+
+def interactions(ds: Dataset, *splits: int) -> sp.csr_matrix:
+    """Binary user x item matrix of the given splits (repeated interactions collapse to 1).
+
+    Args:
+        ds: The dataset.
+        *splits: Any of TRAIN, VALID, TEST.
+
+    Returns:
+        float32 CSR matrix of shape (ds.n_users, ds.n_items), sorted indices, every stored value 1.
+    """
+    indptr, items = ds.seen_csr(*splits)   # already de-duplicated and sorted per user
+    return sp.csr_matrix((np.ones(len(items), np.float32), items, indptr), shape=(ds.n_users, ds.n_items))
+
+
+def _rows(X: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
+    return X[np.asarray(users, dtype=np.int64)]
+
+
+class Popularity:
+    """log(1 + count) of each item in the fitted matrix, the same for every user: the floor to beat."""
+
+    def fit(self, X: sp.csr_matrix) -> Popularity:
+        self.item_scores = np.log1p(np.asarray(X.sum(axis=0)).ravel()).astype(np.float32)
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.tile(self.item_scores, (len(users), 1))
+
+
+def ease_refusal(n_items: int) -> str | None:
+    """Why EASE cannot run on `n_items` items, or None when it can."""
+    if n_items <= EASE_MAX_ITEMS:
+        return None
+    return (f"EASE needs a dense {n_items} x {n_items} item-item matrix; {n_items} items is above "
+            f"EASE_MAX_ITEMS = {EASE_MAX_ITEMS}")
+
+
+class EASE:
+    """Embarrassingly shallow autoencoder (Steck, 2019): a closed-form item-item regression.
+
+    G = X^T X + lam I, P = G^-1, B = -P / diag(P) column-wise, diag(B) = 0; scores = X_u B.
+    """
+
+    def __init__(self, lam: float = 500.0):
+        self.lam = lam
+
+    def fit(self, X: sp.csr_matrix) -> EASE:
+        """Solve for B.
+
+        Raises:
+            ValueError: X has more than EASE_MAX_ITEMS items (B is dense I x I).
+        """
+        reason = ease_refusal(X.shape[1])
+        if reason:
+            raise ValueError(reason)
+        # float64 for the inverse: G's diagonal (item counts) and off-diagonal spread over orders of magnitude
+        G = (X.T @ X).toarray().astype(np.float64)
+        G[np.diag_indices_from(G)] += self.lam
+        P = np.linalg.inv(G)
+        B = P / -np.diag(P)            # divides column j by -P_jj
+        B[np.diag_indices_from(B)] = 0.0
+        self.B = B.astype(np.float32)
+        self.X = X
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(_rows(self.X, users) @ self.B, dtype=np.float32)
+
+
+class ItemKNN:
+    """Item-item cosine similarity with shrinkage, sparsified to each item's `neighbours` most similar items.
+
+    S_ij = |users(i) & users(j)| / (||i|| ||j|| + shrink), S_jj = 0, then only the `neighbours` largest
+    entries of each column j are kept; scores = X_u S (item j is scored by the user's items among its neighbours).
+    Shrinkage damps similarities resting on few co-occurrences, which cosine alone rates as highly as strong ones.
+    """
+
+    def __init__(self, neighbours: int = 100, shrink: float = 10.0):
+        self.neighbours = neighbours
+        self.shrink = shrink
+
+    def fit(self, X: sp.csr_matrix) -> ItemKNN:
+        n = X.shape[1]
+        Xc = X.tocsc()
+        Xt = X.T.tocsr()
+        norms = np.sqrt(np.asarray(Xc.multiply(Xc).sum(axis=0)).ravel())
+        k = min(self.neighbours, n - 1)
+        rows, cols, vals = [], [], []
+        # column blocks keep memory at I x KNN_BLOCK instead of a dense I x I similarity
+        for start in range(0, n if k > 0 else 0, KNN_BLOCK):
+            stop = min(n, start + KNN_BLOCK)
+            sim = (Xt @ Xc[:, start:stop]).toarray()
+            sim /= norms[:, None] * norms[None, start:stop] + self.shrink + 1e-9
+            sim[np.arange(start, stop), np.arange(stop - start)] = 0.0
+            top = np.argpartition(-sim, k - 1, axis=0)[:k]                 # (k, block) row indices
+            val = np.take_along_axis(sim, top, 0)
+            keep = val > 0                                                  # never store zero similarities
+            rows.append(top[keep])
+            cols.append(np.broadcast_to(np.arange(start, stop), top.shape)[keep])
+            vals.append(val[keep])
+        self.S = sp.csr_matrix((_cat(vals, np.float32), (_cat(rows, np.int64), _cat(cols, np.int64))), shape=(n, n))
+        self.X = X
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return (_rows(self.X, users) @ self.S).toarray().astype(np.float32, copy=False)
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+class ALS:
+    """Implicit-feedback matrix factorisation (Hu, Koren & Volinsky, 2008) by alternating least squares.
+
+    Fitted with `implicit` on alpha * X, so an observed interaction has confidence alpha and a missing one
+    is a weak zero; scores = user_factors @ item_factors^T.
+    """
+
+    def __init__(self, factors: int = 64, regularization: float = 0.1, alpha: float = 1.0,
+                 iterations: int = ALS_ITERATIONS, random_state: int = 0):
+        self.factors = factors
+        self.regularization = regularization
+        self.alpha = alpha
+        self.iterations = iterations
+        self.random_state = random_state
+
+    def fit(self, X: sp.csr_matrix) -> ALS:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        # implicit parallelises over users itself; a BLAS thread pool on top of it only oversubscribes the cores
+        # (its constructor checks for one and warns, so it is built inside the limit too)
+        confidence = sp.csr_matrix(X * np.float32(self.alpha), dtype=np.float32)   # a new matrix: X is left alone
+        confidence.eliminate_zeros()       # a stored zero is no interaction, to implicit as to the test below
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=self.factors, regularization=self.regularization, alpha=1.0,   # alpha is applied above
+                iterations=self.iterations, calculate_training_loss=False,
+                num_threads=min(2, os.cpu_count() or 1), random_state=self.random_state,
+            )
+            model.fit(confidence, show_progress=False)
+        self.user_factors = np.array(model.user_factors, dtype=np.float32)
+        self.item_factors = np.array(model.item_factors, dtype=np.float32)
+        # a user with no rows keeps whatever the solver left of its random start: give it the empty-history score
+        self.user_factors[np.diff(confidence.indptr) == 0] = 0.0
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return self.user_factors[np.asarray(users, dtype=np.int64)] @ self.item_factors.T
+
+
+Model = Popularity | EASE | ItemKNN | ALS
+
+
+def baselines(seed: int = 0) -> dict[str, tuple[Callable[..., Model], list[dict], Callable[[int], str | None]]]:
+    """The tuned baselines: name -> (factory taking a grid point's params, grid, refusal by item count).
+
+    Args:
+        seed: ALS's random state.
+    """
+    def always(n_items: int) -> None:
+        return None
+
+    return {
+        "popularity": (Popularity, [{}], always),
+        "ease": (EASE, EASE_GRID, ease_refusal),
+        "itemknn": (ItemKNN, KNN_GRID, always),
+        "als": (partial(ALS, random_state=seed), ALS_GRID, always),   # last: it is the slowest per setting
+    }
+
+
+def tune_and_evaluate(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
+                      models: Sequence[str] | None = None) -> dict[str, dict]:
+    """Tune each baseline on validation, refit the best setting on train + valid, evaluate it on test.
+
+    Each setting is fitted on TRAIN and scored on VALID (known items: TRAIN); the best by validation ndcg@10
+    (on a tie the higher validation recall@50, then the first tried) is refitted on TRAIN + VALID and scored on
+    TEST (known items: TRAIN + VALID). The budget is split evenly across the models; time a model leaves unused
+    is shared among the ones after it. A model starts another setting only while its time so far plus two mean
+    setting costs (that setting and the final refit) fit its share; it always tries at least one.
+
+    Args:
+        ds: The dataset (TRAIN / VALID / TEST split).
+        budget_seconds: Wall-clock budget for the tuning of all models together.
+        seed: Seeds the order each grid is tried in (a short budget tries a random subset) and ALS.
+        models: Names to run (default all of `baselines()`, in that order).
+
+    Returns:
+        name -> {"params", "valid" (metrics of the chosen setting), "test" (metrics after the refit),
+        "test_time_data": "refit on train+valid", "tried", "seconds",
+        "grid": [{"params", "ndcg@10", "recall@50"}, ...] in the order tried}, or name -> {"skipped": reason}
+        for a model that cannot run on this data (EASE above EASE_MAX_ITEMS items).
+
+    Raises:
+        ValueError: A name in `models` is not a known baseline.
+    """
+    registry = baselines(seed)
+    names = list(models) if models is not None else list(registry)
+    unknown = sorted(set(names) - set(registry))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {sorted(registry)}")
+    train, train_valid = interactions(ds, TRAIN), interactions(ds, TRAIN, VALID)
+    valid_ev, test_ev = Evaluator(ds, VALID), Evaluator(ds, TEST)
+    start = time.perf_counter()
+    out = {}
+    for i, name in enumerate(names):
+        factory, grid, refusal = registry[name]
+        share = max(0.0, budget_seconds - (time.perf_counter() - start)) / (len(names) - i)
+        reason = refusal(ds.n_items)
+        if reason:
+            out[name] = {"skipped": reason}
+            continue
+        # seeded per model, so that a model's order does not depend on which others run
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        order = [grid[j] for j in rng.permutation(len(grid))]
+        out[name] = _tune_one(factory, order, share, train, train_valid, valid_ev, test_ev)
+    return out
+
+
+def _tune_one(factory: Callable[..., Model], order: list[dict], share: float, train: sp.csr_matrix,
+              train_valid: sp.csr_matrix, valid_ev: Evaluator, test_ev: Evaluator) -> dict:
+    t0 = time.perf_counter()
+    tried, best = [], None
+    for params in order:
+        spent = time.perf_counter() - t0
+        if tried and spent + 2 * spent / len(tried) > share:
+            break
+        metrics = valid_ev._metrics(factory(**params).fit(train).scores)[0]
+        tried.append({"params": params, TUNE_METRIC: metrics[TUNE_METRIC], TIE_BREAK: metrics[TIE_BREAK]})
+        key = (metrics[TUNE_METRIC], metrics[TIE_BREAK])
+        if best is None or key > best[0]:
+            best = (key, params, metrics)
+    _, params, valid = best
+    test = test_ev._metrics(factory(**params).fit(train_valid).scores)[0]
+    return {"params": params, "valid": valid, "test": test, "test_time_data": "refit on train+valid",
+            "tried": len(tried), "seconds": round(time.perf_counter() - t0, 2), "grid": tried}
+
+
+__all__ = [
+    "ALS", "EASE", "EASE_MAX_ITEMS", "ItemKNN", "Popularity", "baselines", "ease_refusal", "interactions",
+    "tune_and_evaluate",
+]

@@ -1,0 +1,132 @@
+"""The candidate rule and the ranking helpers, written once, numpy only.
+
+Imported by training (negative mining), offline evaluation, the served `retrieval` step, the FastAPI
+baseline and the INT8 / ANN checks. No torch, no Triton. The exact reference (`recserve/reference.py`)
+does not import this module: it is what the reference checks.
+
+The candidate rule: a user's K candidates are the K best-scored items the user has not seen, best first,
+ties going to the lower item index; when fewer than K unseen items exist the row is padded with PAD_ID.
+"Seen" is every interaction the model may know of: train (+ valid) offline, everything in serving.
+Offline the rule runs on full score rows (`candidates`); the server runs it on over-fetched search results
+(`unseen_candidates`): fetching K + |seen| results guarantees K unseen ones, so both give the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_ID = -1
+PAD_SCORE = np.float32(np.finfo(np.float32).min)   # finite, so JSON (HTTP) clients can read it
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Each user's known items as CSR: items of user u are `items[indptr[u]:indptr[u + 1]]`."""
+
+    indptr: np.ndarray   # (U + 1,) int64
+    items: np.ndarray    # (nnz,) int64
+
+    def of(self, u: int) -> np.ndarray:
+        return self.items[self.indptr[u]:self.indptr[u + 1]]
+
+    def count(self, users: np.ndarray) -> np.ndarray:
+        users = np.asarray(users, dtype=np.int64)
+        return self.indptr[users + 1] - self.indptr[users]
+
+
+def seen_mask(ids: np.ndarray, users: np.ndarray, seen: Seen) -> np.ndarray:
+    """(B, M) bool: True where `ids[r]` is PAD or an item user `users[r]` has seen."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return np.zeros(ids.shape, bool)
+    # one scratch flag per item (the last one for PAD): O(|seen| + M) per row, no sorting
+    n = int(max(ids.max(), seen.items.max() if len(seen.items) else 0)) + 2
+    flag = np.zeros(n, bool)
+    flag[-1] = True
+    safe = np.where(ids < 0, n - 1, ids)
+    out = np.empty(ids.shape, bool)
+    for r, u in enumerate(users):
+        known = seen.of(int(u))
+        flag[known] = True
+        out[r] = flag[safe[r]]
+        flag[known] = False
+    return out
+
+
+def mask_seen(scores: np.ndarray, users: np.ndarray, seen: Seen) -> np.ndarray:
+    """A copy of full score rows (B, I) with each user's seen items at -inf."""
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    for r, u in enumerate(users):
+        scores[r, seen.of(int(u))] = -np.inf
+    return scores
+
+
+def top_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, min(k, N)) column positions of each row's k best scores, best first, ties to the lower position."""
+    n = scores.shape[1]
+    k = min(k, n)
+    if k == 0:
+        return np.zeros((len(scores), 0), np.int64)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
+    part.sort(axis=1)   # lower position first, so the stable sort below gives ties to it
+    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1).astype(np.int64)
+
+
+def candidates(scores: np.ndarray, users: np.ndarray, seen: Seen, k: int) -> np.ndarray:
+    """The candidate rule on full score rows (B, I): (B, k) unseen item indices, best first, PAD-padded."""
+    masked = mask_seen(scores, users, seen)
+    top = top_positions(masked, k)
+    top = np.where(np.isneginf(np.take_along_axis(masked, top, 1)), PAD_ID, top)
+    return _pad(top, k)
+
+
+def fetch_size(users: np.ndarray, seen: Seen, k: int, n_items: int) -> int:
+    """How many search results to fetch so that every user in the batch keeps k unseen ones."""
+    extra = int(seen.count(users).max()) if len(users) else 0
+    return min(n_items, k + extra)
+
+
+def unseen_candidates(ids: np.ndarray, users: np.ndarray, seen: Seen, k: int) -> np.ndarray:
+    """The candidate rule on ranked search results (B, M): the first k ids that are neither PAD nor seen."""
+    ids = np.asarray(ids, dtype=np.int64)
+    drop = seen_mask(ids, users, seen)
+    # stable sort on the drop flag moves kept ids to the front in their original order
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(ids, order, 1)
+    kept = np.where(np.take_along_axis(drop, order, 1), PAD_ID, kept)
+    return _pad(kept, k)
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of (B, M) scored ids, best first, ties to the earlier position; PAD ids are never chosen.
+
+    Returns (ids, scores), each (B, min(k, M)), padded with PAD_ID / PAD_SCORE where a row has fewer
+    than k real ids.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    valid = ids >= 0
+    masked = np.where(valid, scores, -np.inf).astype(np.float32)
+    pos = top_positions(masked, k)
+    keep = np.take_along_axis(valid, pos, 1)
+    out_ids = np.where(keep, np.take_along_axis(ids, pos, 1), PAD_ID)
+    out_scores = np.where(keep, np.take_along_axis(masked, pos, 1), PAD_SCORE).astype(np.float32)
+    return out_ids, out_scores
+
+
+def overlap_at_k(got: np.ndarray, want: np.ndarray, k: int) -> float:
+    """Mean over rows of the share of `want`'s top-k (the reference list) that `got`'s top-k also holds.
+
+    PAD ids never count, so a row with fewer than k real items is judged on those it has.
+    """
+    got, want = np.asarray(got)[:, :k], np.asarray(want)[:, :k]
+    shares = [len(np.intersect1d(g[g >= 0], w[w >= 0])) / max(int((w >= 0).sum()), 1) for g, w in zip(got, want)]
+    return float(np.mean(shares)) if shares else 1.0
+
+
+def _pad(ids: np.ndarray, k: int) -> np.ndarray:
+    if ids.shape[1] >= k:
+        return ids[:, :k]
+    return np.concatenate([ids, np.full((len(ids), k - ids.shape[1]), PAD_ID, np.int64)], axis=1)

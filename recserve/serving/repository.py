@@ -1,0 +1,292 @@
+"""Write a Triton model repository from exported artifacts, every config generated from the serving spec.
+
+Configs are data: dicts mirroring model_config.proto, parsed into `model_config_pb2.ModelConfig` and
+rendered with protobuf's text format (never string templates). The repository is built in a temporary
+directory next to the target and renamed into place, with a manifest of every file's sha256.
+
+Flavors:
+  embedded  the graphs run by ONNX Runtime inside python-backend models (the pip-installed tritonserver);
+  native    the `ranker` and `item_tower` graphs on Triton's onnxruntime backend, or a TensorRT engine for the
+            ranker (NGC container); the python steps (`retrieval`, `catalogue`) are the same in both.
+Either way two models sit on the request path: retrieval -> ranker (`recserve/serving/spec.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from recserve.errors import ArtifactError
+from recserve.export import graphs
+from recserve.export.index import IndexSpec, build_index, describe, recall_vs_exact
+from recserve.serving import spec
+from recserve.serving.steps.retrieval import sha256_of
+
+README = Path(__file__).resolve().parents[2] / "model_repository" / "README.md"
+SHIMS = {"retrieval": "retrieval:TritonPythonModel",
+         "catalogue": "catalogue:TritonPythonModel", "ranker": "onnx_model:RankerStep",
+         "item_tower": "onnx_model:OnnxStep"}
+
+
+@dataclass
+class RepoOptions:
+    flavor: str = "embedded"          # embedded | native
+    precision: str = "fp32"           # fp32 | int8 (issue: INT8 gate)
+    candidates: int = 500             # K: candidates per user, retrieved and ranked
+    k_max: int = 100                  # the most items one response carries
+    index: IndexSpec = field(default_factory=IndexSpec)
+    instances: int = 1
+    # ONNX Runtime intra-op threads of the ranker. Its batches are K candidates per user: one instance with a
+    # thread per core keeps both cores on the GEMMs while the python steps wait (measured in the README).
+    ranker_threads: int = 2
+    # Threads of the user-level steps (user tower, FAISS): a batch of users is a few small GEMMs.
+    step_threads: int = 1
+    view: str = "serve"               # which interactions the tables know: serve (all), test, valid
+    tensorrt: bool = False            # set by write_repository when engines were built
+    recall_k: int = 100
+
+    def validate(self) -> None:
+        if self.flavor not in ("embedded", "native"):
+            raise ArtifactError(f"--flavor {self.flavor!r} is not known: choose embedded or native")
+        if self.precision not in ("fp32", "int8"):
+            raise ArtifactError(f"--precision {self.precision!r} is not known: choose fp32 or int8")
+        for name, value in (("candidates", self.candidates), ("k-max", self.k_max), ("instances", self.instances)):
+            if value < 1:
+                raise ArtifactError(f"--{name} must be at least 1, got {value}")
+        if self.view not in graphs.VIEWS:
+            raise ArtifactError(f"view {self.view!r} is not known: choose {', '.join(graphs.VIEWS)}")
+
+    def sizes(self, meta: dict) -> dict[str, int]:
+        """The spec's dimension symbols for these options and artifacts."""
+        k = min(self.candidates, meta["n_items"])
+        return {"D": meta["dim"], "K": k, "KMAX": min(self.k_max, k), "G": meta["n_genres"]}
+
+
+def render(config: dict) -> str:
+    """dict -> ModelConfig protobuf -> text format. ParseDict rejects any field the proto does not have."""
+    return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def _tensor(t: spec.Tensor, sizes: dict[str, int], squeeze: bool = False) -> dict:
+    out: dict = {"name": t.name, "data_type": f"TYPE_{t.dtype.replace('BYTES', 'STRING')}",
+                 "dims": spec.resolve(t.dims, sizes)}
+    if squeeze:
+        out["reshape"] = {"shape": []}   # [B, 1] on the wire, [B] in the graph
+    if t.optional:
+        out["optional"] = True
+    return out
+
+
+def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: tuple[str, ...] = ()) -> dict:
+    """The config of one served model. `squeeze`: graph inputs of rank 1 fed from [B, 1] rows (native only)."""
+    s = spec.step(name)
+    batch = spec.BATCHING[s.level]
+    native_graph = s.backend == "onnx" and opts.flavor == "native"
+    cfg: dict = {"name": name, "max_batch_size": batch["max_batch_size"],
+                 "input": [_tensor(t, sizes, native_graph and t.name in squeeze) for t in s.inputs],
+                 "output": [_tensor(t, sizes) for t in s.outputs],
+                 "instance_group": [{"count": opts.instances, "kind": "KIND_CPU"}]}
+    if s.on_path:
+        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": batch["delay_us"],
+                                   "preferred_batch_size": batch["preferred"]}
+    threads = opts.ranker_threads if name == "ranker" else opts.step_threads
+    if native_graph and opts.tensorrt and name == "ranker":
+        cfg.update(platform="tensorrt_plan", default_model_filename="model.plan")
+        cfg["instance_group"] = [{"count": opts.instances, "kind": "KIND_GPU"}]
+    elif native_graph:
+        cfg.update(platform="onnxruntime_onnx", default_model_filename="model.onnx")
+        cfg["parameters"] = {"intra_op_thread_count": {"string_value": str(threads)}}
+    else:
+        cfg["backend"] = "python"
+        params = {"retrieval": {"k_max": str(sizes["KMAX"]), "intra_op_threads": str(opts.step_threads),
+                                "omp_threads": str(opts.step_threads)},
+                  "ranker": {"intra_op_threads": str(threads)},
+                  "item_tower": {"intra_op_threads": str(threads)}}.get(name, {})
+        if params:
+            cfg["parameters"] = {k: {"string_value": v} for k, v in params.items()}
+    return cfg
+
+
+def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
+    """`recommend`: the path steps, each input wired to the request or the earlier output of the same name."""
+    steps = [{"model_name": s.name, "model_version": -1, "input_map": dict(inputs),
+              "output_map": {n: n for n in s.output_names}} for s, inputs in spec.wiring()]
+    return {"name": spec.ENSEMBLE, "platform": "ensemble",
+            # an ensemble may not batch more rows than its smallest member allows
+            "max_batch_size": min(spec.BATCHING[s.level]["max_batch_size"] for s in spec.path()),
+            "input": [_tensor(t, sizes) for t in spec.REQUEST], "output": [_tensor(t, sizes) for t in spec.RESPONSE],
+            "ensemble_scheduling": {"step": steps}}
+
+
+def _graph_files(artifacts: Path, opts: RepoOptions) -> dict[str, Path]:
+    suffix = ".int8" if opts.precision == "int8" else ""
+    files = {n: artifacts / "onnx" / f"{n}{suffix}.onnx" for n in ("user_tower", "item_tower", "ranker")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        fix = " --precision int8" if opts.precision == "int8" else ""
+        raise ArtifactError(f"{', '.join(missing)} missing: run `recserve export onnx --artifacts {artifacts}{fix}`")
+    return files
+
+
+def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None = None) -> dict:
+    """Build the whole repository in a temp dir beside `repository`, then swap it into place."""
+    opts = opts or RepoOptions()
+    opts.validate()
+    artifacts, repository = Path(artifacts), Path(repository)
+    meta = graphs.onnx_meta(artifacts)
+    sizes = opts.sizes(meta)
+    opts.candidates = sizes["K"]
+    files = _graph_files(artifacts, opts)
+    tensorrt_note = _check_tensorrt(artifacts, opts)
+    tables = graphs.serving_tables(artifacts, opts.view)
+
+    repository.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-", dir=repository.parent))
+    try:
+        def version_dir(name: str) -> Path:
+            d = tmp / name / "1"
+            d.mkdir(parents=True)
+            return d
+
+        retrieval = version_dir("retrieval")
+        graphs.save(graphs.user_graph(onnx.load(files["user_tower"]), tables), retrieval / "user_tower.onnx")
+        np.savez(retrieval / "users.npz", user_ids=tables.user_ids)
+        ranker = graphs.ranker_graph(onnx.load(files["ranker"]), tables, sizes["K"], sizes["KMAX"])
+        ranker_dir = version_dir("ranker")
+        graphs.save(ranker, ranker_dir / "model.onnx")
+        if opts.tensorrt:
+            _tensorrt_plan(ranker_dir, sizes, tables)
+        tower_dir = version_dir("item_tower")
+        shutil.copy(files["item_tower"], tower_dir / "model.onnx")
+        np.savez(retrieval / "seen.npz", indptr=tables.seen_indptr, items=tables.seen)
+        queries = _user_queries(retrieval / "user_tower.onnx", len(tables.user_ids))
+        index_info = _write_index(retrieval, tables, opts, queries)
+        np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
+        squeeze = {"item_tower": ("item_idx", "item_year")}
+        for s in spec.STEPS:
+            _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ())),
+                          shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None)
+        version_dir(spec.ENSEMBLE)
+        (tmp / spec.ENSEMBLE / "config.pbtxt").write_text(render(ensemble_config(opts, sizes)))
+        if README.exists():
+            shutil.copy(README, tmp / "README.md")
+        manifest = {
+            "format": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model_version": 1, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
+            "precision": opts.precision, "view": opts.view, "candidates": sizes["K"], "k_max": sizes["KMAX"],
+            "path": [s.name for s in spec.path()], "index": index_info,
+            "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
+            "int8": _int8_summary(artifacts) if opts.precision == "int8" else None,
+            "models": sorted([*(s.name for s in spec.STEPS), spec.ENSEMBLE]),
+            "sha256": {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, repository)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_config(root: Path, name: str, config: dict, shim: str | None) -> None:
+    (root / name / "config.pbtxt").write_text(render(config))
+    if shim:
+        module, cls = shim.split(":")
+        (root / name / "1" / "model.py").write_text(
+            f'"""Generated by `recserve export repository`; the code is in recserve/serving/steps/{module}.py."""\n'
+            f"from recserve.serving.steps.{module} import {cls} as TritonPythonModel  # noqa: F401\n")
+
+
+def _user_queries(user_graph: Path, n_users: int, limit: int = 2000) -> np.ndarray:
+    """Real user vectors, through the served user graph, to measure the index's recall with."""
+    from recserve.serving.steps.base import ort_session
+
+    users = np.random.default_rng(0).permutation(n_users)[:limit].reshape(-1, 1)
+    return ort_session(user_graph, 0).run(["user_vec"], {"user_idx": users})[0]
+
+
+def _write_index(dest: Path, tables: graphs.ServingTables, opts: RepoOptions, queries: np.ndarray) -> dict:
+    import faiss
+
+    index, resolved = build_index(tables.item_vec, opts.index)
+    faiss.write_index(index, str(dest / "index.faiss"))
+    recall = recall_vs_exact(index, tables.item_vec, queries, opts.recall_k)
+    info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(tables.item_vec.shape[1]),
+            "metric": "inner_product", "candidates": opts.candidates,
+            "recall_k": min(opts.recall_k, len(tables.item_vec)), "recall_vs_exact": round(recall, 5),
+            "queries": int(len(queries)),
+            "item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),
+            "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"}
+    (dest / "index.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _check_tensorrt(artifacts: Path, opts: RepoOptions) -> str | None:
+    if not (opts.flavor == "native" and opts.precision == "int8"):
+        return None
+    from recserve.export.quantize import int8_report
+    from recserve.export.tensorrt import tensorrt_status
+
+    opts.tensorrt, note = tensorrt_status()
+    target = ((int8_report(artifacts) or {}).get("settings") or {}).get("target")
+    if opts.tensorrt and target != "tensorrt":
+        raise ArtifactError("the INT8 models were quantized for ONNX Runtime (uint8 activations), which "
+                            "TensorRT's parser rejects: run `recserve export onnx --precision int8 "
+                            "--int8-target tensorrt` first")
+    return note
+
+
+def _tensorrt_plan(version: Path, sizes: dict[str, int], tables: graphs.ServingTables) -> None:
+    """A TensorRT engine of the served ranker graph, profiles matched to its batcher, checked against ORT."""
+    from recserve.export.tensorrt import build_engine, verify_engine
+
+    s = spec.step("ranker")
+    batch = spec.BATCHING[s.level]
+    row_dims = {t.name: spec.resolve(t.dims, sizes) for t in s.inputs}
+    build_engine(version / "model.onnx", version / "model.plan", row_dims, batch["preferred"], batch["max_batch_size"])
+    verify_engine(version / "model.plan", version / "model.onnx", _engine_feed(sizes, tables))
+
+
+def _engine_feed(sizes: dict[str, int], t: graphs.ServingTables, users: int = 8) -> dict[str, np.ndarray]:
+    """Real rows for the engine check: the first users, their best K items by the tower score."""
+    from recserve.ranking import Seen, candidates
+
+    rng = np.random.default_rng(11)
+    u = np.arange(min(users, len(t.user_ids)))
+    vec = t.item_vec[rng.integers(0, len(t.item_vec), len(u))]
+    cand = candidates(vec @ t.item_vec.T, u, Seen(t.seen_indptr, t.seen), sizes["K"])
+    col = lambda a, dtype=np.int64: np.asarray(a, dtype).reshape(-1, 1)  # noqa: E731
+    return {"user_idx": col(u), "user_vec": vec.astype(np.float32), "context_hour": col(rng.integers(0, 24, len(u))),
+            "context_weekday": col(rng.integers(0, 7, len(u))), "cand_idx": cand,
+            "k": col(np.full(len(u), sizes["KMAX"]), np.int32)}
+
+
+def _int8_summary(artifacts: Path) -> dict | None:
+    from recserve.export.quantize import int8_report
+
+    report = int8_report(artifacts) or {}
+    return {"settings": report.get("settings"), "gate": report.get("gate")}
+
+
+def _swap_into_place(tmp: Path, repository: Path) -> None:
+    """Rename the finished build over the old repository; a crash leaves one complete repository."""
+    old = None
+    if repository.exists():
+        old = repository.with_name(f".{repository.name}.old-{int(time.time() * 1000)}")
+        repository.rename(old)
+    tmp.rename(repository)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

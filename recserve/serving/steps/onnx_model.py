@@ -1,0 +1,40 @@
+"""An ONNX graph run by ONNX Runtime inside a python-backend model (the embedded flavor).
+
+The pip-installed tritonserver has no onnxruntime backend; this runs the very same model.onnx that the
+native flavor hands to Triton's onnxruntime (or TensorRT) backend. Triton's [B, 1] rows are squeezed for a
+graph input of rank 1, as `reshape: { shape: [] }` does in the native flavor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from recserve.serving import spec
+from recserve.serving.steps.base import BatchedModel, ort_session
+
+
+class OnnxStep(BatchedModel):
+    def load(self, version_dir: Path, params: dict[str, str]) -> None:
+        self.SPEC = spec.step(self.model_name)
+        self.session = ort_session(version_dir / "model.onnx", int(params.get("intra_op_threads", "1")))
+        self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+
+    def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {n: (v.reshape(v.shape[:-1]) if v.ndim == self.ranks[n] + 1 and v.shape[-1] == 1 else v)
+                for n, v in inputs.items()}
+        names = list(self.SPEC.output_names)
+        return dict(zip(names, self.session.run(names, feed)))
+
+
+class RankerStep(OnnxStep):
+    """The ranker graph answers KMAX items per row, -1 past k; each response is cut to what it holds."""
+
+    def split(self, outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+        parts = super().split(outputs, sizes)
+        for part in parts:
+            width = max(int((part["item_ids"] >= 0).sum(axis=1).max()), 0)
+            for n in part:
+                part[n] = part[n][:, :width]
+        return parts

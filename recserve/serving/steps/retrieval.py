@@ -1,0 +1,145 @@
+"""The request's first step: validate it, user vector, FAISS, and the candidate rule.
+
+1. Validate: unknown user, k outside 1..KMAX, hour / weekday out of range get INVALID_ARG naming the value;
+   absent `hour` / `weekday` become the current UTC time (Monday = 0), so `curl` users can send a user id and k.
+2. Raw user id -> dense index; the user tower graph (`user_tower.onnx`) gathers the user's attributes and
+   recent items from its own tables and returns the user vector.
+3. One FAISS search per formed batch, of K + (most items any user in the batch has seen) results, then the
+   first K each user has not seen (`recserve.ranking.fetch_size` / `unseen_candidates`, the rule training
+   and evaluation use too).
+Refuses to load when the index was built from a different item tower than the one in the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recserve.ranking import Seen, fetch_size, unseen_candidates
+from recserve.serving import spec
+from recserve.serving.steps.base import BatchedModel, RequestError, log, ort_session
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lookup_users(user_ids: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Dense index of each raw id in the sorted `known` ids; -1 where unknown."""
+    pos = np.clip(np.searchsorted(known, user_ids), 0, len(known) - 1)
+    return np.where(known[pos] == user_ids, pos, -1)
+
+
+def now_context() -> tuple[int, int]:
+    """(hour, weekday) of the current UTC time, Monday = 0."""
+    t = time.gmtime()
+    return t.tm_hour, t.tm_wday
+
+
+def check_request(inputs: dict[str, np.ndarray], user_ids: np.ndarray, k_max: int) -> None:
+    """Raise RequestError naming the first bad value; fills an absent hour / weekday with now (in place)."""
+    rows = len(inputs["user_id"])
+    if "hour" not in inputs or "weekday" not in inputs:
+        hour, weekday = now_context()
+        inputs.setdefault("hour", np.full((rows, 1), hour, np.int64))
+        inputs.setdefault("weekday", np.full((rows, 1), weekday, np.int64))
+    for name, low, high in (("k", 1, k_max), ("hour", 0, 23), ("weekday", 0, 6)):
+        v = inputs[name]
+        if rows == 1 and v.size == 1:          # the common request: plain ints are ~10x cheaper than array ops
+            bad = [] if low <= int(v.flat[0]) <= high else [v.flat[0]]
+        else:
+            bad = v[(v < low) | (v > high)]
+        if len(bad):
+            hint = " (the most items one response carries)" if name == "k" else ""
+            raise RequestError(f"{name}={int(bad[0])} is out of range: choose {low}..{high}{hint}")
+    ids = inputs["user_id"].reshape(-1)
+    idx = lookup_users(ids, user_ids)
+    if (idx < 0).any():
+        raise RequestError(f"unknown user_id {int(ids[idx < 0][0])}: not among the {len(user_ids)} users this "
+                           "model was trained on; recommend for a known user (ids as in the data set)")
+    inputs["user_idx"] = idx.reshape(-1, 1)
+
+
+def check_item_tower(meta: dict, repository: Path) -> None:
+    tower = repository.parent / "item_tower" / "1" / "model.onnx"
+    served = sha256_of(tower) if tower.exists() else "missing"
+    if served != meta["item_tower_sha256"]:
+        raise RuntimeError(
+            f"the FAISS index was built from item tower {meta['item_tower_sha256'][:12]} but the repository "
+            f"serves item tower {served[:12]} ({tower}); rebuild both with `recserve export repository`")
+
+
+def place_index(index, prefer_gpu: bool):
+    """Move the index to a GPU when one and GPU FAISS are present; returns (index, (device, resources))."""
+    import faiss
+
+    if prefer_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index), ("gpu", res)
+    return index, ("cpu", None)
+
+
+class Retriever:
+    """The step's work without Triton: the server, the in-process served pipeline and the baseline use it."""
+
+    def __init__(self, version_dir: Path, params: dict[str, str] | None = None):
+        import faiss
+
+        params = params or {}
+        threads = int(params.get("omp_threads", "1"))
+        if threads:
+            faiss.omp_set_num_threads(threads)   # OpenMP threads spin; several processes share the cores
+        self.meta = json.loads((version_dir / "index.json").read_text())
+        index = faiss.read_index(str(version_dir / "index.faiss"))
+        if self.meta["spec"].get("nprobe"):
+            faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", self.meta["spec"]["nprobe"]))
+        self.index, (self.device, self._gpu_res) = place_index(index, params.get("device", "auto") != "cpu")
+        with np.load(version_dir / "seen.npz") as z:
+            self.seen = Seen(z["indptr"], z["items"])
+        with np.load(version_dir / "users.npz") as z:
+            self.user_ids = z["user_ids"]
+        self.k = int(self.meta["candidates"])
+        self.k_max = int(params.get("k_max", self.k))
+        self.user_tower = ort_session(version_dir / "user_tower.onnx", int(params.get("intra_op_threads", "1")))
+
+    def user_vectors(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.user_tower.run(["user_vec"], {"user_idx": user_idx.reshape(-1, 1)})[0]
+
+    def candidates(self, user_idx: np.ndarray, user_vec: np.ndarray) -> np.ndarray:
+        users = user_idx.reshape(-1)
+        _, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32),
+                                   fetch_size(users, self.seen, self.k, self.index.ntotal))
+        return unseen_candidates(ids, users, self.seen, self.k)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Request rows checked by `check_request` (which adds `user_idx`) -> the ranker's inputs."""
+        idx = inputs["user_idx"]
+        vec = self.user_vectors(idx)
+        return {"user_idx": idx, "user_vec": vec, "context_hour": inputs["hour"].reshape(-1, 1),
+                "context_weekday": inputs["weekday"].reshape(-1, 1), "cand_idx": self.candidates(idx, vec)}
+
+
+class TritonPythonModel(BatchedModel):
+    SPEC = spec.step("retrieval")
+
+    def load(self, version_dir: Path, params: dict[str, str]) -> None:
+        self.retriever = Retriever(version_dir, params)
+        check_item_tower(self.retriever.meta, self.repository)
+        m = self.retriever.meta
+        log.warning("retrieval: %s index over %d items on %s, K=%d, recall@%d vs exact %.4f", m["spec"]["kind"],
+                    self.retriever.index.ntotal, self.retriever.device, self.retriever.k, m["recall_k"],
+                    m["recall_vs_exact"])
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        check_request(inputs, self.retriever.user_ids, self.retriever.k_max)
+
+    def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.retriever(inputs)
