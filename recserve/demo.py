@@ -51,7 +51,7 @@ def run_demo(work: Path, data: Path | None, repository: Path, http_port: int, gr
         ds_users = np.load(artifacts / "onnx" / "user_features.npz")["user_ids"]
         with RecClient(f"127.0.0.1:{grpc_port}", "grpc") as client:
             for user in ds_users[:n_users]:
-                rec = client.recommend(int(user), k=10, mode="ensemble")
+                rec = client.recommend(int(user), k=10, mode="ensemble", titles=True)
                 _stage(f"top 10 for user {user} (ensemble, gRPC)")
                 for rank, item in enumerate(rec.items, 1):
                     print(f"{rank:3d}. {item.item_id:>7d}  {item.score:8.3f}  {item.title}")

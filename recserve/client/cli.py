@@ -20,13 +20,13 @@ def format_table(rec: Recommendation) -> str:
     for rank, it in enumerate(rec.items, 1):
         lines.append(f"{rank:>4}  {it.item_id:>{width}}  {it.score:>10.4f}  {it.title}")
     if not rec.items:
-        lines.append("(no items: every candidate was filtered out)")
+        lines.append("(no items: the user has seen every item)")
     return "\n".join(lines)
 
 
 def recommend_command(
     user: int = typer.Option(..., "--user", help="Raw user id, as in the data set."),
-    k: int = typer.Option(10, "-k", "--k", help="How many items, 1..K (K: candidates per user in the repository)."),
+    k: int = typer.Option(10, "-k", "--k", help="How many items, 1..k-max (set by `export repository`, default 100)."),
     mode: str = typer.Option("ensemble", "--mode", help="ensemble (one call) or pipeline (one call per stage)."),
     protocol: str = typer.Option("grpc", "--protocol", help="grpc or http."),
     url: str | None = typer.Option(None, "--url", help="HOST:PORT (default 127.0.0.1:8001 grpc, :8000 http)."),
@@ -38,7 +38,7 @@ def recommend_command(
     """Recommend items for one user from a running Triton server."""
     try:
         with RecClient(url, protocol=protocol, timeout=timeout) as client:
-            rec = client.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode)
+            rec = client.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode, titles=True)
     except RecserveError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

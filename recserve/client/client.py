@@ -1,10 +1,10 @@
 """Ask a running Triton server for recommendations, over gRPC or HTTP.
 
 Two modes give the same answer: ``ensemble`` makes one call to the server-side ensemble
-``recommend``; ``pipeline`` makes one call per stage (user_features, user_tower, retrieval,
-ranker_inputs, ranker, topk) and passes each stage's arrays on untouched, which shows what the
-ensemble does and lets a test compare the two. The tensor names are those of
-``model_repository/README.md``.
+``recommend``; ``pipeline`` makes one call per step of the ensemble and passes each step's arrays on
+untouched, which shows what the ensemble does and lets a test compare the two. Both follow the serving
+spec (``recserve/serving/spec.py``): the steps, their tensors and their wiring are read from there.
+Titles come from the ``catalogue`` model, off the hot path, only when asked for (and are cached).
 
 Every failure leaves as a :class:`~recserve.errors.RecserveError`: tritonclient's exceptions
 and the socket errors of the HTTP client are mapped in one place, :func:`_map_error`.
@@ -22,20 +22,21 @@ from typing import Any
 import numpy as np
 
 from recserve.errors import ArtifactError, ClientError, RecserveError, ServerError, UnknownUserError
+from recserve.serving import spec
 
 __all__ = ["RecClient", "Recommendation", "RecommendedItem", "DEFAULT_URLS", "MODES", "PROTOCOLS"]
 
 PROTOCOLS = ("grpc", "http")
 MODES = ("ensemble", "pipeline")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
-TOPK_OUTPUTS = ("item_ids", "scores", "titles")
+RESPONSE = tuple(t.name for t in spec.RESPONSE)
 _CONNECTION_WORDS = ("connect", "socket", "dns", "unreachable", "name resolution")
 INSTALL_FIX = "pip install 'tritonclient[grpc,http]>=2.50,<2.53'"
 
 
 @dataclass(frozen=True)
 class RecommendedItem:
-    """One recommended item: its raw id, the ranker's score and its title."""
+    """One recommended item: its raw id, the ranker's score and its title ("" unless titles were asked for)."""
 
     item_id: int
     score: float
@@ -219,15 +220,15 @@ class RecClient:
             the protocol (gRPC 8001, HTTP 8000).
         protocol: ``"grpc"`` or ``"http"``.
         timeout: seconds one call may take before :class:`ServerError` is raised.
-        candidates: K, the candidates per user; ``None`` reads it from the ``topk`` model's config
-            on first use. Giving it spares that call (tests use it to validate ``k`` offline).
+        k_max: the most items one response carries; ``None`` reads it from the ``retrieval`` model's
+            config on first use. Giving it spares that call (tests use it to validate ``k`` offline).
 
     Raises:
         ClientError: a bad protocol or timeout.
 
     Example:
         >>> with RecClient(protocol="http") as client:  # doctest: +SKIP
-        ...     print(client.recommend(42, k=5).to_json())
+        ...     print(client.recommend(42, k=5, titles=True).to_json())
     """
 
     def __init__(
@@ -235,20 +236,21 @@ class RecClient:
         url: str | None = None,
         protocol: str = "grpc",
         timeout: float = 10.0,
-        candidates: int | None = None,
+        k_max: int | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ClientError(f"protocol={protocol!r} is not supported: choose 'grpc' or 'http'")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ClientError(f"timeout={timeout!r} must be a positive number of seconds")
-        if candidates is not None and (not _is_int(candidates) or candidates < 1):
-            raise ClientError(f"candidates={candidates!r} must be a positive integer (K of the repository)")
+        if k_max is not None and (not _is_int(k_max) or k_max < 1):
+            raise ClientError(f"k_max={k_max!r} must be a positive integer (the repository's k-max)")
         self.protocol = protocol
         # TritonServer.url("http") includes the scheme; tritonclient's HTTP client refuses one.
         url = url or DEFAULT_URLS[protocol]
         self.url = url.removeprefix("http://") if protocol == "http" else url
         self.timeout = float(timeout)
-        self._candidates = None if candidates is None else int(candidates)
+        self._k_max = None if k_max is None else int(k_max)
+        self._titles: dict[int, str] = {}
         self._transport = _Transport(protocol, self.url, self.timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -275,25 +277,35 @@ class RecClient:
         except ServerError:
             return False
 
-    def candidates(self) -> int:
-        """K, the candidates per user, from the ``topk`` model config's ``candidates`` parameter (cached).
+    def k_max(self) -> int:
+        """The most items one response carries: the ``retrieval`` model config's ``k_max`` parameter (cached).
 
         Raises:
             ServerError: no server answers.
             ArtifactError: the parameter is missing or not a positive integer.
         """
-        if self._candidates is None:
-            config = self._transport.model_config("topk")
-            raw = (config.get("parameters") or {}).get("candidates", {}).get("string_value")
+        if self._k_max is None:
+            first = spec.path()[0].name
+            config = self._transport.model_config(first)
+            raw = (config.get("parameters") or {}).get("k_max", {}).get("string_value")
             try:
                 value = int(raw)  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 value = 0
             if value < 1:
-                raise ArtifactError(f"model 'topk' at {self._transport.where} has candidates={raw!r} in its "
+                raise ArtifactError(f"model '{first}' at {self._transport.where} has k_max={raw!r} in its "
                                     "config parameters, not a positive integer; re-run `recserve export repository`")
-            self._candidates = value
-        return self._candidates
+            self._k_max = value
+        return self._k_max
+
+    def titles(self, item_ids: Iterable[int]) -> list[str]:
+        """Titles of raw item ids from the ``catalogue`` model ("" for an unknown id); cached per id."""
+        ids = [int(i) for i in item_ids]
+        missing = sorted({i for i in ids if i not in self._titles})
+        if missing:
+            out = self._transport.infer("catalogue", {"item_ids": np.array([missing], dtype=np.int64)}, ("titles",))
+            self._titles.update(zip(missing, (_decode(t) for t in out["titles"][0])))
+        return [self._titles[i] for i in ids]
 
     # -- recommendations ---------------------------------------------------------------------------
 
@@ -304,15 +316,17 @@ class RecClient:
         hour: int | None = None,
         weekday: int | None = None,
         mode: str = "ensemble",
+        titles: bool = False,
     ) -> Recommendation:
         """Recommend ``k`` items for one user.
 
         Args:
             user_id: the raw user id, as in the data set.
-            k: how many items, 1..K.
+            k: how many items, 1..k_max.
             hour: hour of the request, 0..23; default now (UTC).
             weekday: day of the request, 0 = Monday .. 6; default today (UTC).
-            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per stage).
+            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step).
+            titles: also look the items' titles up (one more call, off the hot path, cached).
 
         Raises:
             ClientError: a bad argument (before any inference call) or a request the server rejected.
@@ -327,24 +341,22 @@ class RecClient:
         hour = _check_range("hour", now.hour if hour is None else hour, 0, 23)
         weekday = _check_range("weekday", now.weekday() if weekday is None else weekday, 0, 6)
         if not _is_int(k) or k < 1:
-            # Refused without a round trip; K is named when it is already known.
-            high = self._candidates if self._candidates is not None else "K (the server's candidates per user)"
+            # Refused without a round trip; k_max is named when it is already known.
+            high = self._k_max if self._k_max is not None else "k_max (the most items the server returns)"
             raise ClientError(f"k={k!r} is out of range: choose 1..{high}")
-        k = _check_range("k", k, 1, self.candidates())
+        k = _check_range("k", k, 1, self.k_max())
         inputs = {
             "user_id": _one(user_id, np.int64),
             "k": _one(k, np.int32),
             "hour": _one(hour, np.int64),
             "weekday": _one(weekday, np.int64),
         }
-        if mode == "ensemble":
-            out = self._transport.infer("recommend", inputs, TOPK_OUTPUTS)
-        else:
-            out = self._pipeline(inputs)
-        items = [
-            RecommendedItem(int(item_id), float(score), _decode(title))
-            for item_id, score, title in zip(out["item_ids"][0], out["scores"][0], out["titles"][0])
-        ]
+        out = self._transport.infer(spec.ENSEMBLE, inputs, RESPONSE) if mode == "ensemble" else self._pipeline(inputs)
+        ids, scores = out["item_ids"][0], out["scores"][0]
+        real = ids >= 0   # the native flavor pads rows to k_max with -1
+        ids, scores = ids[real][:k], scores[real][:k]
+        names = self.titles(ids) if titles else [""] * len(ids)
+        items = [RecommendedItem(int(i), float(sc), t) for i, sc, t in zip(ids, scores, names)]
         return Recommendation(user=int(user_id), mode=mode, items=items)
 
     def recommend_many(
@@ -359,32 +371,9 @@ class RecClient:
         return [self.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode) for user in user_ids]
 
     def _pipeline(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Retrieve-then-rank, one call per stage: what the ensemble ``recommend`` does on the server."""
-        infer = self._transport.infer
-        user = infer("user_features", {"user_id": inputs["user_id"]}, ("user_idx", "user_cats", "history"))
-        tower = infer("user_tower", user, ("user_vec",))
-        retrieved = infer("retrieval", tower, ("candidate_idx",))
-        cands = infer(
-            "ranker_inputs",
-            {"user_idx": user["user_idx"], "candidate_idx": retrieved["candidate_idx"]},
-            ("cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec", "cand_valid"),
-        )
-        ranker_inputs = {
-            "user_idx": user["user_idx"],
-            "user_cats": user["user_cats"],
-            "user_vec": tower["user_vec"],
-            "hour": inputs["hour"],
-            "weekday": inputs["weekday"],
-            **{name: cands[name] for name in ("cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec")},
-        }
-        ranked = infer("ranker", ranker_inputs, ("scores",))
-        return infer(
-            "topk",
-            {
-                "rank_scores": ranked["scores"],
-                "candidate_idx": retrieved["candidate_idx"],
-                "cand_valid": cands["cand_valid"],
-                "k": inputs["k"],
-            },
-            TOPK_OUTPUTS,
-        )
+        """The ensemble's steps, one call each, wired as the serving spec wires them on the server."""
+        tensors = dict(inputs)
+        for step, wiring in spec.wiring():
+            feed = {name: tensors[source] for name, source in wiring.items() if source in tensors}
+            tensors.update(self._transport.infer(step.name, feed, step.output_names))
+        return {name: tensors[name] for name in RESPONSE}

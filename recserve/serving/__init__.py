@@ -1,0 +1,1 @@
+"""The served path: the serving spec, the Triton repository it generates, and the python steps."""

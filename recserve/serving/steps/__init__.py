@@ -1,0 +1,1 @@
+"""The python-backend models of the served path; each generated model.py imports its class from here."""
