@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recserve.errors import ServerError
-from recserve.export.repository import write_repository
+from recserve.serving.repository import write_repository
 from recserve.server import TritonServer, find_tritonserver, free_port
 
 CANDIDATES = 60
@@ -38,7 +38,7 @@ def served(artifacts, tmp_path_factory):
         find_tritonserver()
     except ServerError as exc:
         pytest.skip(f"no tritonserver binary: {exc}")
-    from recserve.export.repository import RepoOptions
+    from recserve.serving.repository import RepoOptions
 
     repository = tmp_path_factory.mktemp("repo") / "model_repository"
     manifest = write_repository(artifacts, repository, RepoOptions(candidates=CANDIDATES))

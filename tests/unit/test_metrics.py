@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 from recserve.evaluate import METRICS, ranking_metrics
-from recserve.reference import top_k_excluding
+from recserve.ranking import Seen, candidates
 
 pytestmark = pytest.mark.unit
 
@@ -80,27 +78,33 @@ def test_catalogue_smaller_than_ten_items():
                                  "hr@10": 1.0, "coverage@10": 1.0}, abs=1e-5)
 
 
-def _tables(seen: dict[int, list[int]]) -> SimpleNamespace:
-    return SimpleNamespace(seen_of=lambda u: np.array(seen.get(int(u), []), dtype=np.int64))
+def _seen(lists: dict[int, list[int]], n_users: int) -> Seen:
+    rows = [lists.get(u, []) for u in range(n_users)]
+    return Seen(np.cumsum([0, *map(len, rows)]).astype(np.int64), np.array([i for r in rows for i in r], np.int64))
 
 
-def test_top_k_excluding_orders_by_score_and_drops_known_items():
+def test_candidates_order_by_score_drop_known_items_and_leave_the_scores_alone():
     scores = np.array([[0.1, 0.9, 0.5, 0.8, 0.3, 0.7],
                        [0.6, 0.2, 0.4, 0.1, 0.9, 0.3]], dtype=np.float32)
     before = scores.copy()
-    top = top_k_excluding(scores, np.array([7, 3]), _tables({7: [1, 3]}), k=3)
+    top = candidates(scores, np.array([7, 3]), _seen({7: [1, 3]}, 8), k=3)
     np.testing.assert_array_equal(top, [[5, 2, 4], [4, 0, 2]])
     np.testing.assert_array_equal(scores, before)  # the caller's scores are not modified
 
 
-def test_top_k_excluding_full_ranking_and_k_beyond_the_catalogue():
+def test_candidates_full_ranking_and_k_beyond_the_catalogue_pads():
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((5, 40)).astype(np.float32)
     seen = {u: rng.choice(40, 6, replace=False).tolist() for u in range(5)}
-    top = top_k_excluding(scores, np.arange(5), _tables(seen), k=34)
+    top = candidates(scores, np.arange(5), _seen(seen, 5), k=34)
     for u in range(5):
         masked = scores[u].copy()
         masked[seen[u]] = -np.inf
         np.testing.assert_array_equal(top[u], np.argsort(-masked, kind="stable")[:34])
         assert not np.isin(top[u], seen[u]).any()
-    assert top_k_excluding(scores, np.arange(5), _tables({}), k=100).shape == (5, 40)
+    assert candidates(scores, np.arange(5), _seen({}, 5), k=100).shape == (5, 100)
+
+
+def test_padding_in_a_list_counts_neither_as_a_hit_nor_as_coverage():
+    got = ranking_metrics(np.array([[3, -1, -1]]), [np.array([3])], n_items=10)
+    assert got["hr@10"] == 1.0 and got["coverage@10"] == pytest.approx(0.1)

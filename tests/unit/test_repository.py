@@ -1,4 +1,4 @@
-"""Repository generation: configs rendered through protobuf and parsed back, manifest, atomic swap."""
+"""Repository generation from the serving spec: configs rendered through protobuf and parsed back, wiring, swap."""
 
 from __future__ import annotations
 
@@ -7,61 +7,84 @@ import pytest
 from google.protobuf import json_format
 
 from recserve.errors import ArtifactError
-from recserve.export import repository as repo
 from recserve.export.index import IndexSpec, build_index, recall_vs_exact
-from recserve.triton_models.ranker_inputs import candidate_features
-from recserve.triton_models.retrieval import PAD_SCORE, mask_padding
-from recserve.triton_models.topk import top_k
-from recserve.triton_models.user_features import lookup_users
+from recserve.serving import repository as repo
+from recserve.serving import spec
+from recserve.serving.steps.base import RequestError
+from recserve.serving.steps.retrieval import check_request, lookup_users
 
-META = {"user_cat_names": ["age", "gender"], "history_len": 5, "dim": 8, "n_genres": 3, "n_items": 40,
-        "fingerprint": "f"}
+SIZES = {"D": 8, "K": 7, "KMAX": 5, "G": 3}
 
 
 @pytest.mark.parametrize("flavor", ["embedded", "native"])
 def test_every_config_renders_through_protobuf_and_parses_back_identically(flavor):
-    opts = repo.RepoOptions(flavor=flavor, candidates=7)
-    configs = {n: repo.model_config(n, META, opts) for n in (*repo.ONNX_MODELS, *repo.PY_MODELS)}
-    configs["recommend"] = repo.ensemble_config(META, opts)
+    opts = repo.RepoOptions(flavor=flavor)
+    configs = {s.name: repo.model_config(s.name, SIZES, opts) for s in spec.STEPS}
+    configs[spec.ENSEMBLE] = repo.ensemble_config(opts, SIZES)
     for name, cfg in configs.items():
         parsed = repo.parse(repo.render(cfg))
         assert parsed.name == name
         back = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
         assert [i["name"] for i in back["input"]] == [i["name"] for i in cfg["input"]]
         assert back["max_batch_size"] == cfg["max_batch_size"]
-        if name != "recommend":
-            assert back["dynamic_batching"]["preferred_batch_size"], name
-            assert back["instance_group"][0]["kind"] == "KIND_CPU"
+    for s in spec.path():
+        back = json_format.MessageToDict(repo.parse(repo.render(configs[s.name])), preserving_proto_field_name=True)
+        assert back["dynamic_batching"]["preferred_batch_size"], s.name
+        assert back["instance_group"][0]["kind"] == "KIND_CPU"
 
 
-def test_native_flavor_uses_the_onnxruntime_backend_and_embedded_the_python_backend():
-    native = repo.parse(repo.render(repo.model_config("ranker", META, repo.RepoOptions(flavor="native"))))
-    embedded = repo.parse(repo.render(repo.model_config("ranker", META, repo.RepoOptions(flavor="embedded"))))
-    assert native.platform == "onnxruntime_onnx" and native.default_model_filename == "model.onnx"
-    assert [list(i.reshape.shape) for i in native.input if i.name == "hour"] == [[]]   # [B,1] -> [B]
+def test_configs_carry_the_specs_tensors_with_symbols_resolved():
+    ranker = repo.parse(repo.render(repo.model_config("ranker", SIZES, repo.RepoOptions())))
+    dims = {t.name: list(t.dims) for t in ranker.input}
+    assert dims == {"user_idx": [1], "user_vec": [8], "context_hour": [1], "context_weekday": [1], "cand_idx": [7],
+                    "k": [1]}
+    retrieval = repo.parse(repo.render(repo.model_config("retrieval", SIZES, repo.RepoOptions())))
+    assert [t.name for t in retrieval.input if t.optional] == ["hour", "weekday"]
+    assert retrieval.parameters["k_max"].string_value == "5"
+
+
+def test_at_most_three_models_sit_on_the_request_path():
+    ens = repo.ensemble_config(repo.RepoOptions(), SIZES)
+    assert [s["model_name"] for s in ens["ensemble_scheduling"]["step"]] == ["retrieval", "ranker"]
+    assert len(ens["ensemble_scheduling"]["step"]) <= 3
+
+
+def test_native_flavor_runs_graphs_on_onnxruntime_and_python_steps_on_the_python_backend():
+    native = repo.RepoOptions(flavor="native")
+    ranker = repo.parse(repo.render(repo.model_config("ranker", SIZES, native)))
+    assert ranker.platform == "onnxruntime_onnx" and ranker.default_model_filename == "model.onnx"
+    tower = repo.parse(repo.render(repo.model_config("item_tower", SIZES, native, squeeze=("item_idx",))))
+    assert [list(i.reshape.shape) for i in tower.input if i.name == "item_idx"] == [[]]   # [B,1] -> [B]
+    embedded = repo.parse(repo.render(repo.model_config("ranker", SIZES, repo.RepoOptions())))
     assert embedded.backend == "python" and not embedded.platform
-    assert repo.parse(repo.render(repo.model_config("retrieval", META, repo.RepoOptions(flavor="native")))).backend \
-        == "python"
+    assert repo.parse(repo.render(repo.model_config("retrieval", SIZES, native))).backend == "python"
 
 
-def test_ensemble_wires_every_step_input_to_an_ensemble_input_or_an_earlier_output():
-    opts = repo.RepoOptions(candidates=7)
-    ens = repo.ensemble_config(META, opts)
-    io = repo.model_io(META, 7)
+def test_ensemble_wires_every_step_input_to_a_request_input_or_an_earlier_output():
+    ens = repo.ensemble_config(repo.RepoOptions(), SIZES)
     available = {t["name"] for t in ens["input"]}
     for step in ens["ensemble_scheduling"]["step"]:
-        model_inputs = {t["name"] for t in io[step["model_name"]][0]}
-        assert set(step["input_map"]) == model_inputs, step["model_name"]
-        assert set(step["input_map"].values()) <= available, step["model_name"]
-        assert set(step["output_map"]) <= {t["name"] for t in io[step["model_name"]][1]}
+        s = spec.step(step["model_name"])
+        assert set(step["input_map"]) == set(s.input_names), s.name
+        assert set(step["input_map"].values()) <= available, s.name
+        assert set(step["output_map"]) == set(s.output_names)
+        assert not (set(step["output_map"].values()) & available), f"{s.name} overwrites a tensor"
         available |= set(step["output_map"].values())
     assert {t["name"] for t in ens["output"]} <= available
 
 
+def test_wiring_refuses_a_step_input_nothing_produces(monkeypatch):
+    broken = spec.Step("ranker", "onnx", "candidate", (spec.Tensor("nobody_makes_this", "INT64", (1,)),),
+                       spec.RESPONSE, ("model.onnx",))
+    monkeypatch.setattr(spec, "STEPS", (spec.step("retrieval"), broken))
+    with pytest.raises(ValueError, match="nobody_makes_this"):
+        spec.wiring()
+
+
 def test_ensemble_batch_size_does_not_exceed_its_smallest_member():
     opts = repo.RepoOptions()
-    ens = repo.ensemble_config(META, opts)
-    members = [repo.model_config(s["model_name"], META, opts) for s in ens["ensemble_scheduling"]["step"]]
+    ens = repo.ensemble_config(opts, SIZES)
+    members = [repo.model_config(s["model_name"], SIZES, opts) for s in ens["ensemble_scheduling"]["step"]]
     assert ens["max_batch_size"] <= min(m["max_batch_size"] for m in members)
 
 
@@ -94,11 +117,11 @@ def test_flat_index_is_exact_and_ivf_recall_is_measured():
     items = rng.standard_normal((3000, 16)).astype(np.float32)
     items /= np.linalg.norm(items, axis=1, keepdims=True)
     queries = items[:100] + 0.1 * rng.standard_normal((100, 16)).astype(np.float32)
-    flat, spec = build_index(items, IndexSpec("auto"))
-    assert spec.kind == "flat" and recall_vs_exact(flat, items, queries, 50) == 1.0
-    ivf, spec = build_index(items, IndexSpec("ivf", nlist=32, nprobe=4))
+    flat, resolved = build_index(items, IndexSpec("auto"))
+    assert resolved.kind == "flat" and recall_vs_exact(flat, items, queries, 50) == 1.0
+    ivf, resolved = build_index(items, IndexSpec("ivf", nlist=32, nprobe=4))
     r = recall_vs_exact(ivf, items, queries, 50)
-    assert spec.kind == "ivf" and 0.3 < r < 1.0
+    assert resolved.kind == "ivf" and 0.3 < r < 1.0
     ivf_all, _ = build_index(items, IndexSpec("ivf", nlist=32, nprobe=32))
     assert recall_vs_exact(ivf_all, items, queries, 50) > 0.99
 
@@ -109,36 +132,27 @@ def test_index_kind_follows_catalogue_size():
     assert big.kind == "ivf" and big.nlist == 4000 and big.nprobe == 250
 
 
-def test_faiss_padding_is_masked_with_a_finite_lowest_score():
-    ids, scores = mask_padding(np.array([[3, -1]]), np.array([[0.5, 1e30]], np.float32))
-    assert ids.tolist() == [[3, -1]] and scores[0, 1] == PAD_SCORE and np.isfinite(scores).all()
-
-
-def test_candidate_features_mark_padding_and_seen_items_invalid():
-    tables = {"genres": np.eye(4, 3, dtype=np.float32), "year": np.arange(4), "pop": np.arange(4, dtype=np.float32),
-              "item_vec": np.arange(8, dtype=np.float32).reshape(4, 2),
-              "seen_indptr": np.array([0, 1, 1]), "seen": np.array([2])}
-    out = candidate_features(np.array([[2, 1, -1], [2, 3, 0]]), np.array([0, 1]), tables)
-    assert out["cand_valid"].tolist() == [[False, True, False], [True, True, True]]
-    assert out["cand_idx"].tolist() == [[2, 1, 0], [2, 3, 0]]
-    assert out["cand_vec"].shape == (2, 3, 2) and out["cand_year"].tolist() == [[2, 1, 0], [2, 3, 0]]
-
-
-def test_top_k_skips_invalid_candidates_and_keeps_retrieval_order_on_ties():
-    ids, scores = top_k(np.array([1.0, 5.0, 5.0, 9.0]), np.array([10, 11, 12, 13]),
-                        np.array([True, True, True, False]), 3)
-    assert ids.tolist() == [11, 12, 10] and scores.tolist() == [5.0, 5.0, 1.0]
-    assert top_k(np.array([1.0]), np.array([4]), np.array([False]), 1)[0].size == 0
-
-
 def test_lookup_users_marks_unknown_ids():
     assert lookup_users(np.array([5, 7, 100, 1]), np.array([1, 5, 9])).tolist() == [1, -1, -1, 0]
 
 
-def test_readme_documents_every_generated_model():
+def test_request_check_names_the_bad_value_and_fills_the_context():
+    known = np.array([3, 8, 20])
+    ok = {"user_id": np.array([[8]]), "k": np.array([[5]], np.int32)}
+    check_request(ok, known, k_max=5)
+    assert ok["user_idx"].tolist() == [[1]] and 0 <= int(ok["hour"][0, 0]) <= 23 and 0 <= int(ok["weekday"][0, 0]) <= 6
+    for bad, pattern in (({"user_id": np.array([[9]])}, "unknown user_id 9"), ({"k": np.array([[6]], np.int32)},
+                         r"k=6 is out of range: choose 1\.\.5"), ({"hour": np.array([[24]])}, "hour=24"),
+                         ({"weekday": np.array([[-1]])}, "weekday=-1")):
+        request = {"user_id": np.array([[3]]), "k": np.array([[1]], np.int32), "hour": np.array([[0]]),
+                   "weekday": np.array([[0]]), **bad}
+        with pytest.raises(RequestError, match=pattern):
+            check_request(request, known, k_max=5)
+
+
+def test_readme_table_is_the_one_the_spec_generates():
     text = repo.README.read_text()
-    for model in (*repo.ONNX_MODELS, *repo.PY_MODELS, "recommend"):
-        assert f"`{model}`" in text, model
+    assert spec.markdown_table() in text, "regenerate it: python -m recserve.serving.spec (model_repository/README.md)"
 
 
 def test_tensorrt_profiles_follow_the_batchers_preferred_sizes():
@@ -160,5 +174,5 @@ def test_without_tensorrt_the_status_says_why_in_one_line():
 
 
 def test_native_config_switches_to_tensorrt_plan_when_engines_are_built():
-    cfg = repo.parse(repo.render(repo.model_config("ranker", META, repo.RepoOptions(flavor="native", tensorrt=True))))
+    cfg = repo.parse(repo.render(repo.model_config("ranker", SIZES, repo.RepoOptions(flavor="native", tensorrt=True))))
     assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
