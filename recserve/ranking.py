@@ -64,13 +64,23 @@ def mask_seen(scores: np.ndarray, users: np.ndarray, seen: Seen) -> np.ndarray:
 
 
 def top_positions(scores: np.ndarray, k: int) -> np.ndarray:
-    """(B, min(k, N)) column positions of each row's k best scores, best first, ties to the lower position."""
+    """(B, min(k, N)) column positions of each row's k best scores, best first, ties to the lower position.
+
+    Ties are honoured at the k-th place too: of the items tied there, the lowest positions are kept.
+    """
+    scores = np.asarray(scores)
     n = scores.shape[1]
     k = min(k, n)
-    if k == 0:
-        return np.zeros((len(scores), 0), np.int64)
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
-    part.sort(axis=1)   # lower position first, so the stable sort below gives ties to it
+    if k == 0 or len(scores) == 0:
+        return np.zeros((len(scores), k), np.int64)
+    if k < n:
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]               # each row's k-th best score
+        better, tied = scores > kth, scores == kth
+        room = k - better.sum(axis=1, keepdims=True)
+        keep = better | (tied & (np.cumsum(tied, axis=1) <= room))           # exactly k per row
+        part = np.nonzero(keep)[1].reshape(len(scores), k)                   # ascending positions
+    else:
+        part = np.tile(np.arange(n), (len(scores), 1))
     order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
     return np.take_along_axis(part, order, 1).astype(np.int64)
 

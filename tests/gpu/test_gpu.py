@@ -55,7 +55,7 @@ def test_faiss_gpu_index_returns_the_cpu_results():
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("this faiss build has no GPU support (faiss-cpu); the retrieval model stays on the CPU")
     from recserve.export.index import IndexSpec, build_index
-    from recserve.triton_models.retrieval import place_index
+    from recserve.serving.steps.retrieval import place_index
 
     rng = np.random.default_rng(0)
     items = rng.standard_normal((20000, 64)).astype(np.float32)

@@ -24,7 +24,7 @@ PROTOCOLS = ("grpc", "http")
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch) -> RecClient:
     """A client with K=500 whose transport fails the test if anything reaches the network."""
-    client = RecClient("127.0.0.1:1", protocol="grpc", timeout=1.0, candidates=500)
+    client = RecClient("127.0.0.1:1", protocol="grpc", timeout=1.0, k_max=500)
 
     def no_network(*args, **kwargs):
         raise AssertionError("the request reached the network before validation")
@@ -61,10 +61,10 @@ def test_k_not_an_integer_is_refused(offline: RecClient) -> None:
         offline.recommend(1, k=2.5)  # type: ignore[arg-type]
 
 
-def test_k_below_one_is_refused_without_knowing_k(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_k_below_one_is_refused_without_knowing_k_max(monkeypatch: pytest.MonkeyPatch) -> None:
     client = RecClient(f"127.0.0.1:{free_port()}")
-    monkeypatch.setattr(client._transport, "model_config", lambda model: pytest.fail("asked the server for K"))
-    with pytest.raises(ClientError, match=r"^k=0 is out of range: choose 1\.\.K"):
+    monkeypatch.setattr(client._transport, "model_config", lambda model: pytest.fail("asked the server for k_max"))
+    with pytest.raises(ClientError, match=r"^k=0 is out of range: choose 1\.\.k_max"):
         client.recommend(1, k=0)
 
 
@@ -90,7 +90,7 @@ def test_bad_arguments_are_refused(offline: RecClient, kwargs: dict, pattern: st
     [
         ({"protocol": "rest"}, r"^protocol='rest' is not supported: choose 'grpc' or 'http'$"),
         ({"timeout": 0}, r"^timeout=0 must be a positive number"),
-        ({"candidates": 0}, r"^candidates=0 must be a positive integer"),
+        ({"k_max": 0}, r"^k_max=0 must be a positive integer"),
     ],
 )
 def test_bad_client_settings_are_refused(kwargs: dict, pattern: str) -> None:
@@ -112,7 +112,7 @@ def test_server_down_is_a_server_error(protocol: str) -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_silent_server_times_out(protocol: str, silent_port: int) -> None:
-    client = RecClient(f"127.0.0.1:{silent_port}", protocol=protocol, timeout=0.5, candidates=10)
+    client = RecClient(f"127.0.0.1:{silent_port}", protocol=protocol, timeout=0.5, k_max=10)
     start = time.monotonic()
     with pytest.raises(ServerError, match=rf"^the Triton server at 127\.0\.0\.1:{silent_port} \({protocol}\) "
                                           r"timed out after 0\.5 s"):

@@ -75,3 +75,8 @@ def test_top_k_never_returns_padding_and_keeps_earlier_positions_on_ties():
                                               ([[5, 6]], [[7, 8]], 0.0)])
 def test_overlap_is_the_share_of_the_reference_top_k_kept(got, want, share):
     assert overlap_at_k(np.array(got), np.array(want), 3) == pytest.approx(share)
+
+
+def test_ties_at_the_kth_place_keep_the_lowest_positions():
+    scores = np.array([[0.0, 1.0, 0.0, 0.0, 0.0, 2.0]], np.float32)
+    assert candidates(scores, np.array([0]), _seen([[]]), 4).tolist() == [[5, 1, 0, 2]]
