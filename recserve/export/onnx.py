@@ -3,7 +3,8 @@
 Written under ARTIFACTS/onnx/:
   user_tower.onnx   user_idx (B,) i64, user_cats (B, C) i64, history (B, H) i64  -> user_vec (B, D) f32
   item_tower.onnx   item_idx (B,) i64, item_genres (B, G) f32, item_year (B,) i64 -> item_vec (B, D) f32
-  ranker.onnx       see RANKER_INPUTS; user side (B, ...), candidates (B, K, ...)  -> scores (B, K) f32
+  ranker.onnx       see RANKER_INPUTS; user side (B, ...), candidates (B, K, ...)  -> scores (B, K) f32;
+                    the `ServingRanker` arrangement (item-side products precomputed), checked against the Ranker
   item_embeddings.npy  (I, D) f32, L2-normalised: the index is inner product (= cosine)
   item_features.npz    raw item ids, titles, genres, year bucket, popularity
   user_features.npz    raw user ids, attributes, last-H history and seen items over all interactions
@@ -26,7 +27,7 @@ from torch import nn
 from recserve import checkpoint
 from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
 from recserve.errors import ArtifactError
-from recserve.models import Ranker, TwoTower
+from recserve.models import Ranker, ServingRanker, TwoTower
 from recserve.reference import Tables, item_vectors
 
 OPSET = 18
@@ -55,12 +56,12 @@ def random_inputs(name: str, ds: Dataset, history_len: int, dim: int, batch: int
         return {"item_idx": rng.integers(0, ds.n_items, batch),
                 "item_genres": (rng.random((batch, ds.n_genres)) < 0.2).astype(np.float32),
                 "item_year": rng.integers(0, 32, batch)}
+    # item features are the catalogue's rows of each candidate, as served (`ServingRanker` relies on it)
+    cand = rng.integers(0, ds.n_items, (batch, k))
     return {"user_idx": users["user_idx"], "user_cats": users["user_cats"], "user_vec": unit(batch, dim),
             "hour": rng.integers(0, 24, batch), "weekday": rng.integers(0, 7, batch),
-            "cand_idx": rng.integers(0, ds.n_items, (batch, k)),
-            "cand_genres": (rng.random((batch, k, ds.n_genres)) < 0.2).astype(np.float32),
-            "cand_year": rng.integers(0, 32, (batch, k)), "cand_pop": rng.random((batch, k)).astype(np.float32) * 6,
-            "cand_vec": unit(batch, k, dim)}
+            "cand_idx": cand, "cand_genres": ds.item_genres[cand], "cand_year": ds.item_year[cand],
+            "cand_pop": ds.item_popularity(TRAIN)[cand], "cand_vec": unit(batch, k, dim)}
 
 
 def export_model(module: nn.Module, name: str, example: dict[str, np.ndarray], path: Path) -> None:
@@ -100,11 +101,15 @@ def export_onnx(artifacts: Path, verify_batch: int = 64) -> dict:
     out.mkdir(exist_ok=True)
     modules: dict[str, nn.Module] = {"user_tower": two_tower.user_tower, "item_tower": two_tower.item_tower,
                                      "ranker": ranker}
+    # the ranker is exported in its serving arrangement and checked against the trained module itself
+    served: dict[str, nn.Module] = {**modules, "ranker": ServingRanker(
+        ranker, torch.as_tensor(ds.item_genres), torch.as_tensor(ds.item_year),
+        torch.as_tensor(ds.item_popularity(TRAIN)))}
     H, D = two_tower.cfg.history_len, two_tower.cfg.dim
     report: dict = {"opset": OPSET, "models": {}}
     for name, module in modules.items():
         path = out / f"{name}.onnx"
-        export_model(module, name, random_inputs(name, ds, H, D, batch=4, k=8, seed=1), path)
+        export_model(served[name], name, random_inputs(name, ds, H, D, batch=4, k=8, seed=1), path)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         errors = compare(sess, module, random_inputs(name, ds, H, D, batch=verify_batch, k=50, seed=2))
         if errors["max_rel_error"] > MAX_REL_ERROR:

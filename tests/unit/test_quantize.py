@@ -65,7 +65,9 @@ def test_matmul_weights_are_quantized_too_once_the_size_floor_is_lifted(artifact
     batches = q.calibration_batches(ds, artifacts / "onnx", 200, seed=0)["ranker"]
     q.quantize_model(artifacts / "onnx" / "ranker.onnx", tmp_path / "r.onnx", batches, min_weights=0)
     d = q.describe(tmp_path / "r.onnx")
-    assert d["quantized_op_types"] == ["Gemm", "MatMul"]     # the genre projection is the ranker's MatMul
+    # every linear map is quantized, the genre projection's MatMul included (the serving arrangement's 3-D
+    # layers export as MatMul + Add rather than Gemm)
+    assert "MatMul" in d["quantized_op_types"] and set(d["quantized_op_types"]) <= set(q.QUANTIZED_OP_TYPES)
     assert d["float_matmul_gemm_nodes"] == [] and d["quantized_gather_tables"] == 0
 
 
