@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from recserve.errors import ServerError
-from recserve.serving.repository import write_repository
 from recserve.server import TritonServer, find_tritonserver, free_port
+from recserve.serving.repository import write_repository
 
 CANDIDATES = 60
 
