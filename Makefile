@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	   (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ) \
 	   || echo "note: libb64-0d not installed; perf_analyzer will not run (apt-get install libb64-0d)"; fi
+	@# bench-serving drives HTTP with wrk (a C load generator); install it the same way.
+	@if ! command -v wrk >/dev/null; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null)) ) \
+	   || echo "note: wrk not installed; make bench-serving will not run (apt-get install wrk)"; fi
 	touch $(STAMP)
 
 demo: venv
@@ -45,10 +50,17 @@ lint: venv
 bench: venv
 	$(BIN)/recserve bench int8 --artifacts $(ARTIFACTS)
 
-# Serving benchmark: starts its own server on free ports (run `make demo` first for the artifacts).
+# Serving benchmark: Triton (ensemble over gRPC with perf_analyzer, over HTTP with wrk, the client pipeline)
+# and the FastAPI + ONNX Runtime baseline (wrk), FP32 and, when INT8_REPOSITORY exists, INT8; one at a time,
+# each on its own free 127.0.0.1 ports. Write the repositories first (`recserve export repository`).
+INT8_REPOSITORY ?= $(REPOSITORY)_int8
+BENCH_DURATION ?= 10
+BENCH_CONCURRENCY ?= 1,8,32
 bench-serving: venv
-	$(BIN)/python loadtest/bench_serving.py --repository $(REPOSITORY) --artifacts $(ARTIFACTS) \
-	  --duration 10 --concurrency 1,8 --json $(WORK)/bench_serving.json
+	$(BIN)/python loadtest/bench_serving.py --repository $(REPOSITORY) \
+	  $(if $(wildcard $(INT8_REPOSITORY)/manifest.json),--int8-repository $(INT8_REPOSITORY)) \
+	  --duration $(BENCH_DURATION) --concurrency $(BENCH_CONCURRENCY) \
+	  --json $(WORK)/bench_serving.json --plot $(WORK)/bench_serving.png
 
 # These two need a running server: `$(BIN)/recserve serve --repository $(REPOSITORY)` in another shell.
 perf: venv

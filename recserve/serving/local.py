@@ -30,13 +30,20 @@ class LocalPipeline:
         self.ranker_inputs = spec.step("ranker").input_names
         self.outputs = [t.name for t in spec.RESPONSE]
 
+    def check(self, request: dict[str, np.ndarray]) -> None:
+        """Raise RequestError naming a bad value; completes the request in place (context, user index)."""
+        check_request(request, self.retriever.user_ids, self.k_max)
+
+    def run(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checked request rows -> item_ids, scores ([B, KMAX], -1 past k): retrieval, then the ranker graph."""
+        tensors = {**request, **self.retriever(request)}
+        return dict(zip(self.outputs, self.ranker.run(self.outputs, {n: tensors[n] for n in self.ranker_inputs})))
+
     def __call__(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Request tensors ([B, 1] rows) -> item_ids, scores ([B, k_max], -1 past k). Raises RequestError."""
+        """Request tensors ([B, 1] rows) -> item_ids, scores ([B, KMAX], -1 past k). Raises RequestError."""
         tensors = dict(request)
-        check_request(tensors, self.retriever.user_ids, self.k_max)
-        tensors.update(self.retriever(tensors))
-        out = self.ranker.run(self.outputs, {n: tensors[n] for n in self.ranker_inputs})
-        return dict(zip(self.outputs, out))
+        self.check(tensors)
+        return self.run(tensors)
 
     def recommend(self, user_ids: np.ndarray, k: int, hour: np.ndarray, weekday: np.ndarray) -> np.ndarray:
         """(B, k) raw item ids for many users at once (-1 where fewer items exist)."""

@@ -8,7 +8,9 @@ Flavors:
   embedded  the graphs run by ONNX Runtime inside python-backend models (the pip-installed tritonserver);
   native    the `ranker` and `item_tower` graphs on Triton's onnxruntime backend, or a TensorRT engine for the
             ranker (NGC container); the python steps (`retrieval`, `catalogue`) are the same in both.
-Either way two models sit on the request path: retrieval -> ranker (`recserve/serving/spec.py`).
+The request path is retrieval -> ranker (`recserve/serving/spec.py`): an ensemble of the two models in the native
+flavor; in the embedded flavor `recommend` runs both steps' code in one python model (`spec.FUSED`), since a
+python-backend hop costs more than either step, and the two step models stay served for the pipeline mode.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ class RepoOptions:
     k_max: int = 100                  # the most items one response carries
     index: IndexSpec = field(default_factory=IndexSpec)
     instances: int = 1
-    # ONNX Runtime intra-op threads of the ranker. Its batches are K candidates per user: one instance with a
-    # thread per core keeps both cores on the GEMMs while the python steps wait (measured in the README).
-    ranker_threads: int = 2
+    # ONNX Runtime intra-op threads of the ranker. One: two non-spinning threads took 1.3 ms wall and 2.0 ms CPU
+    # per user where one took 0.9 ms (ML-100K, K = 500); parallelism comes from instances and batching.
+    ranker_threads: int = 1
     # Threads of the user-level steps (user tower, FAISS): a batch of users is a few small GEMMs.
     step_threads: int = 1
+    # Embedded flavor: instances of the one-process `recommend` (spec.FUSED), one per core; 0: os.cpu_count()
+    fused_instances: int = 0
     view: str = "serve"               # which interactions the tables know: serve (all), test, valid
     tensorrt: bool = False            # set by write_repository when engines were built
     recall_k: int = 100
@@ -120,6 +124,20 @@ def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: t
     return cfg
 
 
+def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
+    """The embedded flavor's `recommend`: one python model running the path's steps in one process."""
+    import os
+
+    s = spec.FUSED
+    batch = spec.BATCHING[s.level]
+    return {"name": s.name, "backend": "python", "max_batch_size": batch["max_batch_size"],
+            "input": [_tensor(t, sizes) for t in s.inputs], "output": [_tensor(t, sizes) for t in s.outputs],
+            "instance_group": [{"count": opts.fused_instances or os.cpu_count() or 1, "kind": "KIND_CPU"}],
+            "dynamic_batching": {"max_queue_delay_microseconds": batch["delay_us"],
+                                 "preferred_batch_size": batch["preferred"]},
+            "parameters": {"threads": {"string_value": str(opts.step_threads)}}}
+
+
 def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
     """`recommend`: the path steps, each input wired to the request or the earlier output of the same name."""
     steps = [{"model_name": s.name, "model_version": -1, "input_map": dict(inputs),
@@ -134,6 +152,8 @@ def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
 def _graph_files(artifacts: Path, opts: RepoOptions) -> dict[str, Path]:
     suffix = ".int8" if opts.precision == "int8" else ""
     files = {n: artifacts / "onnx" / f"{n}{suffix}.onnx" for n in ("user_tower", "item_tower", "ranker")}
+    if opts.precision == "fp32":      # the ranker's serving arrangement (`export onnx` says why per precision)
+        files["ranker"] = artifacts / "onnx" / "ranker.serving.onnx"
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         fix = " --precision int8" if opts.precision == "int8" else ""
@@ -180,7 +200,10 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ())),
                           shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None)
         version_dir(spec.ENSEMBLE)
-        (tmp / spec.ENSEMBLE / "config.pbtxt").write_text(render(ensemble_config(opts, sizes)))
+        if opts.flavor == "embedded":
+            _write_config(tmp, spec.ENSEMBLE, fused_config(opts, sizes), shim="fused:TritonPythonModel")
+        else:
+            (tmp / spec.ENSEMBLE / "config.pbtxt").write_text(render(ensemble_config(opts, sizes)))
         if README.exists():
             shutil.copy(README, tmp / "README.md")
         manifest = {

@@ -125,6 +125,15 @@ STEPS = (
 )
 
 
+# The embedded flavor serves `recommend` as this one python model instead of the ensemble: the path's step
+# code in one process (`recserve/serving/local.py`, `steps/fused.py`), one instance per core. On the pip
+# server every step is a python-backend process, and a hop between two costs more than the work of either
+# (measured: README "Serving"). The step models stay served for the client's pipeline mode.
+FUSED = Step(ENSEMBLE, "python", "candidate", inputs=REQUEST, outputs=RESPONSE, files=(),
+             params=("threads",), on_path=False,
+             doc="embedded flavor: the steps of the path run in one process (reads the step models' files)")
+
+
 def path() -> tuple[Step, ...]:
     """The steps of the `recommend` ensemble, in order."""
     return tuple(s for s in STEPS if s.on_path)
@@ -175,8 +184,9 @@ def markdown_table() -> str:
         return "<br>".join(parts)
 
     rows = ["| model | kind | on the request path | inputs | outputs | what it does |", "|---|---|---|---|---|---|",
-            f"| `{ENSEMBLE}` | ensemble | (the path) | {fmt(REQUEST)} | {fmt(RESPONSE)} | "
-            f"{' -> '.join(s.name for s in path())} |"]
+            f"| `{ENSEMBLE}` | ensemble (native flavor) | (the path) | {fmt(REQUEST)} | {fmt(RESPONSE)} | "
+            f"{' -> '.join(s.name for s in path())} |",
+            f"| `{ENSEMBLE}` | python (embedded flavor) | (the path) | same | same | {FUSED.doc} |"]
     for s in STEPS:
         rows.append(f"| `{s.name}` | {s.backend} | {'yes' if s.on_path else 'no'} | {fmt(s.inputs)} | "
                     f"{fmt(s.outputs)} | {s.doc} |")

@@ -28,13 +28,15 @@ class OnnxStep(BatchedModel):
         return dict(zip(names, self.session.run(names, feed)))
 
 
-class RankerStep(OnnxStep):
-    """The ranker graph answers KMAX items per row, -1 past k; each response is cut to what it holds."""
+def cut_to_items(parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The ranker graph answers KMAX items per row, -1 past k: cut each response to the items it holds."""
+    for part in parts:
+        width = int((part["item_ids"] >= 0).sum(axis=1).max())
+        for n in part:
+            part[n] = part[n][:, :width]
+    return parts
 
+
+class RankerStep(OnnxStep):
     def split(self, outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
-        parts = super().split(outputs, sizes)
-        for part in parts:
-            width = max(int((part["item_ids"] >= 0).sum(axis=1).max()), 0)
-            for n in part:
-                part[n] = part[n][:, :width]
-        return parts
+        return cut_to_items(super().split(outputs, sizes))
