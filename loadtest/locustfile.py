@@ -140,10 +140,10 @@ class TritonUser(User):
         # The scheme, if a user typed one, is not part of a tritonclient URL.
         url = self.host.split("://", 1)[-1].rstrip("/")
         self.client = self.client_factory(url, protocol=self.protocol, timeout=self.timeout)
-        # Fetch K (the topk model config) now, so the first timed request is a recommendation only.
+        # Fetch k_max (the retrieval model config) now, so the first timed request is a recommendation only.
         # A server that is down shows up as failed requests below, not as a crash here.
         with contextlib.suppress(RecserveError):
-            self.client.candidates()
+            self.client.k_max()
 
     def on_stop(self) -> None:
         if self.client is not None:

@@ -8,8 +8,8 @@ cycles through them::
                "hour": {"content": [H], "shape": [1]}, "weekday": {"content": [W], "shape": [1]}}, ...]}
 
 Shapes leave out the batch dimension, as perf_analyzer expects for models with ``max_batch_size > 0``.
-Models: ``recommend`` (the ensemble), ``user_features`` (user_id only) and ``user_tower`` (user_idx,
-user_cats, history from the same .npz); tensor names as in ``model_repository/README.md``.
+Models: ``recommend`` and ``retrieval`` (the first step of the path), which take the request's tensors as
+the serving spec names them (``recserve/serving/spec.py``, ``model_repository/README.md``).
 
 Usage::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = ("recommend", "user_features", "user_tower")
+MODELS = ("recommend", "retrieval")
 
 
 def _tensor(values: np.ndarray) -> dict:
@@ -50,7 +50,7 @@ def build(
     """The input-data document for ``n`` requests to ``model``, users drawn (with replacement) by ``seed``.
 
     Raises:
-        ValueError: unknown model, no users, or ``user_tower`` asked for without the feature arrays.
+        ValueError: unknown model, or no users.
     """
     if model not in MODELS:
         raise ValueError(f"model={model!r}: input data can be built for {', '.join(MODELS)}; "
@@ -60,25 +60,13 @@ def build(
     user_ids = np.asarray(tables["user_ids"], dtype=np.int64).reshape(-1)
     if user_ids.size == 0:
         raise ValueError("no user ids to build requests from")
-    if model == "user_tower" and not {"user_cats", "history"} <= tables.keys():
-        raise ValueError("user_tower needs the `user_cats` and `history` arrays of ARTIFACTS/onnx/user_features.npz")
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, user_ids.size, size=n)
     data = []
     for row in rows:
-        if model == "user_tower":
-            data.append({
-                "user_idx": _tensor(np.array([row], np.int64)),
-                "user_cats": _tensor(np.asarray(tables["user_cats"][row], np.int64)),
-                "history": _tensor(np.asarray(tables["history"][row], np.int64)),
-            })
-            continue
-        request = {"user_id": _tensor(np.array([user_ids[row]], np.int64))}
-        if model == "recommend":
-            request["k"] = _tensor(np.array([k], np.int32))
-            request["hour"] = _tensor(np.array([rng.integers(0, 24)], np.int64))
-            request["weekday"] = _tensor(np.array([rng.integers(0, 7)], np.int64))
-        data.append(request)
+        data.append({"user_id": _tensor(np.array([user_ids[row]], np.int64)), "k": _tensor(np.array([k], np.int32)),
+                     "hour": _tensor(np.array([rng.integers(0, 24)], np.int64)),
+                     "weekday": _tensor(np.array([rng.integers(0, 7)], np.int64))})
     return {"data": data}
 
 
@@ -90,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--model", default="recommend", choices=MODELS)
     parser.add_argument("--n", type=int, default=256, help="requests in the file (perf_analyzer cycles them)")
-    parser.add_argument("--k", type=int, default=10, help="items per recommendation (recommend only)")
+    parser.add_argument("--k", type=int, default=10, help="items per recommendation")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for path in (args.users_from, args.user_ids_file):

@@ -77,7 +77,7 @@ mkdir -p "$(dirname "$CSV")"
 INPUT_ARGS=()
 if [[ -n "$INPUT_JSON" ]]; then
   INPUT_ARGS=(--input-data "$INPUT_JSON")
-elif [[ "$MODEL" == recommend || "$MODEL" == user_features || "$MODEL" == user_tower ]]; then
+elif [[ "$MODEL" == recommend || "$MODEL" == retrieval ]]; then
   [[ -n "$USERS_FROM" || -n "$USER_IDS_FILE" ]] \
     || die "--users-from ARTIFACTS/onnx/user_features.npz (or --user-ids-file) is required for model $MODEL"
   INPUT_JSON="$(dirname "$CSV")/$(basename "$CSV" .csv).input.json"

@@ -242,13 +242,22 @@ def tune_and_evaluate(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
     Raises:
         ValueError: A name in `models` is not a known baseline.
     """
+    tuned = tune(ds, budget_seconds, seed, models)
+    return {name: (row if "skipped" in row else {**row, **refit_test(ds, name, row["params"], seed)})
+            for name, row in tuned.items()}
+
+
+def tune(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
+         models: Sequence[str] | None = None) -> dict[str, dict]:
+    """The validation half of `tune_and_evaluate`: name -> {"params", "valid", "tried", "seconds", "grid"}
+    (or {"skipped": reason}). `recserve train` runs it; `recserve evaluate` then calls `refit_test`."""
     registry = baselines(seed)
     names = list(models) if models is not None else list(registry)
     unknown = sorted(set(names) - set(registry))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(registry)}")
-    train, train_valid = interactions(ds, TRAIN), interactions(ds, TRAIN, VALID)
-    valid_ev, test_ev = Evaluator(ds, VALID), Evaluator(ds, TEST)
+    train = interactions(ds, TRAIN)
+    valid_ev = Evaluator(ds, VALID)
     start = time.perf_counter()
     out = {}
     for i, name in enumerate(names):
@@ -261,12 +270,19 @@ def tune_and_evaluate(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
         # seeded per model, so that a model's order does not depend on which others run
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         order = [grid[j] for j in rng.permutation(len(grid))]
-        out[name] = _tune_one(factory, order, share, train, train_valid, valid_ev, test_ev)
+        out[name] = _tune_one(factory, order, share, train, valid_ev)
     return out
 
 
+def refit_test(ds: Dataset, name: str, params: dict, seed: int = 0) -> dict:
+    """Refit one tuned baseline on TRAIN + VALID and score it on TEST: {"test", "test_time_data"}."""
+    factory = baselines(seed)[name][0]
+    test = Evaluator(ds, TEST)._metrics(factory(**params).fit(interactions(ds, TRAIN, VALID)).scores)[0]
+    return {"test": test, "test_time_data": "refit on train+valid"}
+
+
 def _tune_one(factory: Callable[..., Model], order: list[dict], share: float, train: sp.csr_matrix,
-              train_valid: sp.csr_matrix, valid_ev: Evaluator, test_ev: Evaluator) -> dict:
+              valid_ev: Evaluator) -> dict:
     t0 = time.perf_counter()
     tried, best = [], None
     for params in order:
@@ -279,12 +295,11 @@ def _tune_one(factory: Callable[..., Model], order: list[dict], share: float, tr
         if best is None or key > best[0]:
             best = (key, params, metrics)
     _, params, valid = best
-    test = test_ev._metrics(factory(**params).fit(train_valid).scores)[0]
-    return {"params": params, "valid": valid, "test": test, "test_time_data": "refit on train+valid",
-            "tried": len(tried), "seconds": round(time.perf_counter() - t0, 2), "grid": tried}
+    return {"params": params, "valid": valid, "tried": len(tried), "seconds": round(time.perf_counter() - t0, 2),
+            "grid": tried}
 
 
 __all__ = [
     "ALS", "EASE", "EASE_MAX_ITEMS", "ItemKNN", "Popularity", "baselines", "ease_refusal", "interactions",
-    "tune_and_evaluate",
+    "refit_test", "tune", "tune_and_evaluate",
 ]

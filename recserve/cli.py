@@ -84,6 +84,7 @@ def train(
     tower_epochs: int = typer.Option(30, help="Maximum two-tower epochs (early stopping on validation)."),
     mf_epochs: int = typer.Option(40, help="Maximum MF epochs (early stopping on validation)."),
     ranker_epochs: int = typer.Option(8, help="Maximum ranker epochs (early stopping on held-out users)."),
+    baselines_budget: float = typer.Option(60.0, help="Seconds to tune EASE, item-kNN, ALS on validation (0: skip)."),
     distill: bool = typer.Option(False, "--distill", help="Also train a large teacher and a distilled student ranker."),
     promote_student: bool = typer.Option(False, "--promote-student",
                                          help="With --distill: ship the student (ranker.pt) if it passes its gate."),
@@ -92,7 +93,8 @@ def train(
     """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
     from recserve.train import TrainConfig, train_all
 
-    cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs)
+    cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs,
+                      baselines_budget=baselines_budget)
     train_all(load_data(data), out, cfg, progress=not quiet)
     if distill:
         from recserve.distill import distill as run_distill
@@ -129,7 +131,7 @@ def evaluate(artifacts: Path = typer.Option(..., "--artifacts", help="Directory 
     d = result["protocol"]["data"]
     typer.echo(f"{d['source']}: {d['test_users']} test users, {d['items']} items, full ranking, "
                f"train+validation items excluded")
-    typer.echo(format_table(result["models"]))
+    typer.echo(format_table(result["models"], result["protocol"]["test_time_data"], result["served"]))
 
 
 @export_app.command("onnx")

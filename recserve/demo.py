@@ -33,9 +33,10 @@ def run_demo(work: Path, data: Path | None, repository: Path, http_port: int, gr
             _stage(f"synthesising data into {data}")
             write_ml1m(generate(**DEMO_SYNTH, seed=0), data)
     _stage(f"training on {data}")
-    train_all(load_movielens(data), artifacts, TrainConfig(), progress=sys.stderr.isatty())
+    train_all(load_movielens(data), artifacts, TrainConfig(baselines_budget=20.0), progress=sys.stderr.isatty())
     _stage("evaluating (full ranking, temporal holdout)")
-    print(format_table(evaluate_artifacts(artifacts)["models"]))
+    result = evaluate_artifacts(artifacts)
+    print(format_table(result["models"], result["protocol"]["test_time_data"], result["served"]))
     _stage("exporting ONNX")
     for name, m in export_onnx(artifacts)["models"].items():
         print(f"{name}: max relative error vs PyTorch {m['max_rel_error']:.1e}")

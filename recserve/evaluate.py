@@ -21,6 +21,14 @@ from recserve.reference import Tables, context_of, item_vectors, known_splits, r
 KS = (10, 20, 50)
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "hr@10", "coverage@10")
 MODELS = ("popularity", "mf", "two_tower", "two_tower+ranker")
+SERVED = "two_tower+ranker"    # the row `export repository` serves (metrics.json "served") when the ranker ships
+# What each row knows of a user when ranking the test period (baselines: `recserve.baselines.refit_test`).
+TEST_TIME_DATA = {
+    "popularity": "refit on train+valid",
+    "mf": "fitted on train, not refit",
+    "two_tower": "train weights; train+valid history as input",
+    "two_tower+ranker": "as two_tower; ranker trained on valid",
+}
 RERANK_CANDIDATES = 500   # K, as served (`export repository --candidates`)
 
 
@@ -116,14 +124,25 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     two_tower, _ = checkpoint.load(artifacts / "two_tower.pt", ds.fingerprint)
     ranker, _ = checkpoint.load(artifacts / "ranker.pt", ds.fingerprint)
     mf, _ = checkpoint.load(artifacts / "mf.pt", ds.fingerprint)
-    pop = np.load(artifacts / "popularity.npz")["counts"]
     ev = Evaluator(ds, TEST, two_tower.cfg.history_len)
     models = {
-        "popularity": ev.popularity(pop),
+        "popularity": ev.popularity(np.bincount(ds.items[ds.mask(TRAIN, VALID)], minlength=ds.n_items)),
         "mf": ev.mf(mf),
         "two_tower": ev.two_tower(two_tower),
         "two_tower+ranker": ev.two_tower_ranker(two_tower, ranker),
     }
+    test_time = dict(TEST_TIME_DATA)
+    gate_path = artifacts / "ranker_gate.json"
+    gate = json.loads(gate_path.read_text()) if gate_path.exists() else {"shipped": True, "note": "no gate run"}
+    baselines_path = artifacts / "baselines.json"
+    if baselines_path.exists():       # tuned on validation by `recserve train`; refit on train+valid here
+        from recserve.baselines import refit_test
+
+        for name, row in json.loads(baselines_path.read_text())["models"].items():
+            if "skipped" in row:
+                continue
+            fitted = refit_test(ds, name, row["params"])
+            models[name], test_time[name] = fitted["test"], fitted["test_time_data"]
     metrics_path = artifacts / "metrics.json"
     previous = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     result = {
@@ -132,10 +151,13 @@ def evaluate_artifacts(artifacts: Path) -> dict:
             "ranking": "full ranking over all items, the user's train+validation items excluded",
             "negatives": "none sampled",
             "rerank_candidates": RERANK_CANDIDATES,
+            "test_time_data": test_time,
             "data": {"source": ds.source, "fingerprint": ds.fingerprint, "users": ds.n_users, "items": ds.n_items,
                      "interactions": int(len(ds.users)), "test_users": int(len(ev.users))},
         },
         "models": models,
+        "served": SERVED if gate.get("shipped", True) else "two_tower",
+        "ranker_gate": gate,
     }
     for key in previous:          # keep sections other stages added (e.g. int8 gate figures)
         result.setdefault(key, previous[key])
@@ -143,11 +165,17 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     return result
 
 
-def format_table(models: dict[str, dict[str, float]]) -> str:
-    width = max(len(m) for m in models) + 2
-    lines = ["model".ljust(width) + "".join(m.rjust(12) for m in METRICS)]
+def format_table(models: dict[str, dict[str, float]], test_time: dict[str, str] | None = None,
+                 served: str | None = None) -> str:
+    """The metrics table; with `test_time`, a last column says what each row knew at test time."""
+    width = max(len(m) for m in models) + 4
+    lines = ["model".ljust(width) + "".join(m.rjust(12) for m in METRICS) + ("   test-time data" if test_time else "")]
     for name, vals in models.items():
-        lines.append(name.ljust(width) + "".join(f"{vals[m]:12.4f}" for m in METRICS))
+        label = f"{name} *" if name == served else name
+        lines.append(label.ljust(width) + "".join(f"{vals[m]:12.4f}" for m in METRICS)
+                     + (f"   {test_time.get(name, '')}" if test_time else ""))
+    if served:
+        lines.append("* served by `export repository`")
     return "\n".join(lines)
 
 

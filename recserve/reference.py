@@ -7,6 +7,7 @@ Its feature helpers (`Tables`, `user_vectors`, `ranker_batch`, `rank`) are share
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,9 @@ class Reference:
         self.tables = Tables(self.ds, known_splits(target), self.two_tower.cfg.history_len)
         self.item_vecs = item_vectors(self.two_tower, self.ds)
         self.candidates = min(candidates, self.ds.n_items)
+        gate = artifacts / "ranker_gate.json"
+        # the trained ranker only when `recserve train` shipped it; otherwise the retrieval order is served
+        self.use_ranker = json.loads(gate.read_text())["shipped"] if gate.exists() else True
 
     def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact search by inner product over every item the user has not seen: (B, K) item indices, best
@@ -131,7 +135,10 @@ class Reference:
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
         cand, real = self.retrieve(users, uv)
-        scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
+        if self.use_ranker:
+            scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
+        else:
+            scores = np.einsum("bd,bkd->bk", uv, self.item_vecs[cand])
         out = []
         for r in range(len(users)):
             order = np.argsort(-np.where(real[r], scores[r], -np.inf), kind="stable")[:k]

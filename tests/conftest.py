@@ -9,7 +9,7 @@ import pytest
 from recserve.train import TrainConfig
 
 TINY_DATA = {"n_users": 300, "n_items": 240, "n_interactions": 9000, "seed": 7}
-TINY_TRAIN = TrainConfig(tower_epochs=4, mf_epochs=2, ranker_epochs=2, candidates=60)
+TINY_TRAIN = TrainConfig(tower_epochs=4, mf_epochs=2, ranker_epochs=2, candidates=60, baselines_budget=3.0)
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 

@@ -188,7 +188,8 @@ def build_dataset(raw: RawData) -> Dataset:
     if len(r) == 0:
         raise DataError(f"{raw.source}: no interactions to train on (files: {', '.join(map(str, raw.files))})")
     # only items someone interacted with get an index: the rest can never be evaluated or learned
-    r = r.drop_duplicates(["user_id", "item_id"], keep="first")
+    # a repeated (user, item) keeps its earliest interaction, whatever the file's row order
+    r = r.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "item_id"], keep="first")
     item_ids = np.unique(r["item_id"].to_numpy(np.int64))
     user_ids = np.unique(r["user_id"].to_numpy(np.int64))
     items_tab = raw.items.drop_duplicates("item_id").set_index("item_id").reindex(item_ids)
@@ -211,7 +212,8 @@ def build_dataset(raw: RawData) -> Dataset:
     uidx = np.searchsorted(user_ids, r["user_id"].to_numpy(np.int64))
     iidx = np.searchsorted(item_ids, r["item_id"].to_numpy(np.int64))
     ts = r["timestamp"].to_numpy(np.int64)
-    order = np.lexsort((np.arange(len(ts)), ts, uidx))  # stable: file order breaks timestamp ties
+    # by user, then time; equal timestamps by item id, so the split does not depend on the file's row order
+    order = np.lexsort((iidx, ts, uidx))
     users, items, ts = uidx[order], iidx[order], ts[order]
     return Dataset(
         user_ids=user_ids, item_ids=item_ids, titles=items_tab["title"].astype(str).to_numpy(),

@@ -97,6 +97,23 @@ def user_graph(inner: onnx.ModelProto, t: ServingTables) -> onnx.ModelProto:
                   "history_table": t.history.astype(np.int64)}, "user_vec")
 
 
+def retrieval_order(opset: int = 18) -> onnx.ModelProto:
+    """A ranker graph that keeps the retrieval order: score = user_vec . cand_vec (the towers' own logit).
+
+    Served instead of the trained ranker when that one did not beat its retrieval order on validation.
+    """
+    n = helper.make_node
+    graph = helper.make_graph(
+        [n("Unsqueeze", ["user_vec", "one"], ["uv"]), n("Mul", ["uv", "cand_vec"], ["prod"]),
+         n("ReduceSum", ["prod", "last"], ["scores"], keepdims=0)],
+        "retrieval_order",
+        [helper.make_tensor_value_info("user_vec", TensorProto.FLOAT, ["batch", "dim"]),
+         helper.make_tensor_value_info("cand_vec", TensorProto.FLOAT, ["batch", "candidates", "dim"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"])],
+        [_tensor("one", np.array([1], np.int64)), _tensor("last", np.array([-1], np.int64))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_max: int) -> onnx.ModelProto:
     """The served ranker: candidates in, the best k_max raw item ids and their scores out."""
     dim = t.item_vec.shape[1]

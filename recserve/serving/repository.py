@@ -184,7 +184,9 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         retrieval = version_dir("retrieval")
         graphs.save(graphs.user_graph(onnx.load(files["user_tower"]), tables), retrieval / "user_tower.onnx")
         np.savez(retrieval / "users.npz", user_ids=tables.user_ids)
-        ranker = graphs.ranker_graph(onnx.load(files["ranker"]), tables, sizes["K"], sizes["KMAX"])
+        gate = ranker_gate(artifacts)
+        inner = onnx.load(files["ranker"]) if gate["shipped"] else graphs.retrieval_order()
+        ranker = graphs.ranker_graph(inner, tables, sizes["K"], sizes["KMAX"])
         ranker_dir = version_dir("ranker")
         graphs.save(ranker, ranker_dir / "model.onnx")
         if opts.tensorrt:
@@ -210,7 +212,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             "format": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model_version": 1, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
             "precision": opts.precision, "view": opts.view, "candidates": sizes["K"], "k_max": sizes["KMAX"],
-            "path": [s.name for s in spec.path()], "index": index_info,
+            "path": [s.name for s in spec.path()], "index": index_info, "ranker": gate,
             "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
             "int8": _int8_summary(artifacts) if opts.precision == "int8" else None,
             "models": sorted([*(s.name for s in spec.STEPS), spec.ENSEMBLE]),
@@ -222,6 +224,12 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def ranker_gate(artifacts: Path) -> dict:
+    """`recserve train`'s ship-or-not verdict on the ranker (ARTIFACTS/ranker_gate.json); shipped when absent."""
+    path = Path(artifacts) / "ranker_gate.json"
+    return json.loads(path.read_text()) if path.exists() else {"shipped": True, "note": "no ranker_gate.json"}
 
 
 def _write_config(root: Path, name: str, config: dict, shim: str | None) -> None:

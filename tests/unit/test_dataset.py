@@ -261,3 +261,15 @@ def test_fingerprint_stable_across_processes_and_sensitive_to_data():
     moved.loc[3, "timestamp"] += 1
     assert fingerprint(_raw(ratings=moved)) != base  # one timestamp changed
     assert fingerprint(_raw(items=ITEMS.iloc[:4])) != base  # the item table changed
+
+
+def test_timestamp_ties_are_broken_by_item_id_not_by_file_order():
+    raw = generate(n_users=30, n_items=40, n_interactions=600, seed=3)
+    raw.ratings["timestamp"] = raw.ratings["timestamp"] // 100_000 * 100_000     # many equal timestamps
+    shuffled = RawData(raw.ratings.sample(frac=1.0, random_state=1).reset_index(drop=True), raw.items, raw.users,
+                       raw.source, raw.files)
+    a, b = build_dataset(raw), build_dataset(shuffled)
+    for field in ("users", "items", "timestamps", "split"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    tie = (np.diff(a.users) == 0) & (np.diff(a.timestamps) == 0)
+    assert tie.any() and (np.diff(a.items)[tie] > 0).all()

@@ -94,7 +94,7 @@ def test_triton_user_fires_one_request_event_per_call(users_npz, tmp_path):
         class FakeClient:
             def __init__(self, url, protocol, timeout):
                 self.args = (url, protocol, timeout)
-            def candidates(self):
+            def k_max(self):
                 return 500
             def recommend(self, user, k, hour, weekday, mode):
                 if user == 9:
@@ -155,26 +155,19 @@ def test_locust_command_line_knows_the_recserve_options():
 
 # -- perf_analyzer input -----------------------------------------------------------------------------
 
-def _readme_inputs(model: str) -> dict[str, tuple[str, list[int]]]:
-    """The inputs of ``model`` in model_repository/README.md's table: name -> (type, per-row dims)."""
-    text = (ROOT / "model_repository" / "README.md").read_text(encoding="utf-8")
-    row = next(line for line in text.splitlines() if line.startswith(f"| `{model}` |"))
-    inputs = row.split("|")[3]
-    return {name: (dtype, [int(d) if d.lstrip("-").isdigit() else d for d in dims.split(",")])
-            for name, dtype, dims in re.findall(r"`(\w+)` (\w+) \[([^\]]+)\]", inputs)}
-
-
 def test_make_perf_input_writes_recommend_requests_from_real_users(users_npz, tmp_path):
     mpi = _import(LOADTEST / "make_perf_input.py", "recserve_make_perf_input")
     out = tmp_path / "perf.json"
     assert mpi.main(["--users-from", str(users_npz), "--out", str(out), "--n", "64", "--k", "7"]) == 0
     data = json.loads(out.read_text())["data"]
     assert len(data) == 64
-    expected = _readme_inputs("recommend")
+    from recserve.serving import spec
+
+    expected = {t.name: list(t.dims) for t in spec.REQUEST}     # the served request, as the spec defines it
     assert set(expected) == {"user_id", "k", "hour", "weekday"}
     for request in data:
         assert set(request) == set(expected)
-        for name, (_dtype, dims) in expected.items():
+        for name, dims in expected.items():
             assert request[name]["shape"] == dims == [1]
             assert len(request[name]["content"]) == 1 and isinstance(request[name]["content"][0], int)
         assert request["user_id"]["content"][0] in {3, 5, 8, 13, 21}
@@ -183,12 +176,9 @@ def test_make_perf_input_writes_recommend_requests_from_real_users(users_npz, tm
     assert len({r["user_id"]["content"][0] for r in data}) > 1
 
 
-def test_make_perf_input_user_tower_shapes_and_errors(users_npz, tmp_path):
+def test_make_perf_input_refuses_models_it_cannot_feed(tmp_path):
     mpi = _import(LOADTEST / "make_perf_input.py", "recserve_make_perf_input")
-    with np.load(users_npz) as z:
-        doc = mpi.build({name: z[name] for name in z.files}, model="user_tower", n=4)
-    assert [(k, v["shape"]) for k, v in doc["data"][0].items()] == [("user_idx", [1]), ("user_cats", [3]),
-                                                                     ("history", [20])]
+    assert mpi.build({"user_ids": np.array([4])}, model="retrieval", n=2)["data"][0]["user_id"]["content"] == [4]
     with pytest.raises(ValueError, match="ranker"):
         mpi.build({"user_ids": np.array([1])}, model="ranker")
     with pytest.raises(SystemExit):
