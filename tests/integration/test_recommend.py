@@ -83,7 +83,7 @@ def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
         s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
-    models = ("retrieval", "ranker")
+    models = ("recommend",)      # the embedded flavor's one-process path
     start = {m: before(m) for m in models}
     users = user_ids(served, 20)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from recserve.evaluate import METRICS, MODELS
 
 pytestmark = pytest.mark.unit
 
-EPOCHS = ["--tower-epochs", "1", "--mf-epochs", "1", "--ranker-epochs", "1"]
+EPOCHS = ["--tower-epochs", "1", "--mf-epochs", "1", "--ranker-epochs", "1", "--baselines-budget", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +43,21 @@ def test_synth_train_evaluate(runner: CliRunner, tmp_path: Path):
     for name in ("dataset.npz", "popularity.npz", "mf.pt", "two_tower.pt", "ranker.pt", "train.json"):
         assert (artifacts / name).is_file(), name
 
+    assert (artifacts / "baselines.json").is_file() and (artifacts / "ranker_gate.json").is_file()
+
     result = runner.invoke(app, ["evaluate", "--artifacts", str(artifacts)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    header = lines[-5].split()
-    assert header == ["model", *METRICS]
-    assert [line.split()[0] for line in lines[-4:]] == list(MODELS)
-    for line in lines[-4:]:
-        assert all(0.0 <= float(v) <= 1.0 for v in line.split()[1:]), line
-    assert (artifacts / "metrics.json").is_file()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["model"])
+    assert lines[at].split()[:len(METRICS) + 1] == ["model", *METRICS] and "test-time data" in lines[at]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[at + 1:] if not line.startswith("*")}
+    assert set(rows) == {*MODELS, "ease", "itemknn", "als"}
+    for name, values in rows.items():
+        figures = [v for v in values if v != "*"][:len(METRICS)]
+        assert all(0.0 <= float(v) <= 1.0 for v in figures), name
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert lines[-1] == "* served by `export repository`" and metrics["served"] in MODELS
+    assert metrics["protocol"]["test_time_data"]["ease"] == "refit on train+valid"
 
 
 def test_train_on_a_missing_directory_is_one_clean_line(runner: CliRunner, tmp_path: Path):

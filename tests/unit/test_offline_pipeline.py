@@ -104,7 +104,10 @@ def test_checkpoints_are_self_describing(artifacts: Path, ds: Dataset, kind: str
 def test_metrics_json_shape(artifacts: Path, ds: Dataset, metrics: dict):
     on_disk = json.loads((artifacts / "metrics.json").read_text())
     assert on_disk == metrics
-    assert set(on_disk) == {"protocol", "models"}
+    assert set(on_disk) == {"protocol", "models", "served", "ranker_gate"}
+    gate = on_disk["ranker_gate"]
+    assert on_disk["served"] == ("two_tower+ranker" if gate["shipped"] else "two_tower")
+    assert gate["shipped"] == (gate["ranker"] > gate["retrieval_order"])
     data = on_disk["protocol"]["data"]
     assert data["fingerprint"] == ds.fingerprint and data["users"] == ds.n_users and data["items"] == ds.n_items
     assert data["test_users"] == len(np.unique(ds.users[ds.split == TEST]))
