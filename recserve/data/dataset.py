@@ -145,6 +145,15 @@ def _csr(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, n
     return np.cumsum(indptr), pairs[:, 1].astype(np.int64)
 
 
+def tie_order(user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random uint64 per (raw user id, raw item id): splitmix64 of their combination."""
+    with np.errstate(over="ignore"):
+        x = user_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + item_ids.astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 def year_bucket(year: np.ndarray) -> np.ndarray:
     year = np.asarray(year, dtype=np.int64)
     b = np.clip((year - YEAR_MIN) // 5 + 1, 1, N_YEAR_BUCKETS - 1)
@@ -212,8 +221,10 @@ def build_dataset(raw: RawData) -> Dataset:
     uidx = np.searchsorted(user_ids, r["user_id"].to_numpy(np.int64))
     iidx = np.searchsorted(item_ids, r["item_id"].to_numpy(np.int64))
     ts = r["timestamp"].to_numpy(np.int64)
-    # by user, then time; equal timestamps by item id, so the split does not depend on the file's row order
-    order = np.lexsort((iidx, ts, uidx))
+    # by user, then time; equal timestamps by a fixed hash of (user id, item id): the split depends neither on
+    # the file's row order nor on how the data set numbered its items (ordering ties by item id put the
+    # higher ids of ML-100K's many same-second ratings into test: every model's ndcg@10 fell by 5-8%)
+    order = np.lexsort((tie_order(r["user_id"].to_numpy(np.int64), r["item_id"].to_numpy(np.int64)), ts, uidx))
     users, items, ts = uidx[order], iidx[order], ts[order]
     return Dataset(
         user_ids=user_ids, item_ids=item_ids, titles=items_tab["title"].astype(str).to_numpy(),

@@ -11,7 +11,16 @@ import pandas as pd
 import pytest
 
 from recserve.data import RawData, generate
-from recserve.data.dataset import TEST, TRAIN, VALID, Dataset, build_dataset, fingerprint, temporal_split
+from recserve.data.dataset import (
+    TEST,
+    TRAIN,
+    VALID,
+    Dataset,
+    build_dataset,
+    fingerprint,
+    temporal_split,
+    tie_order,
+)
 from recserve.errors import ArtifactError, DataError
 
 pytestmark = pytest.mark.unit
@@ -263,7 +272,7 @@ def test_fingerprint_stable_across_processes_and_sensitive_to_data():
     assert fingerprint(_raw(items=ITEMS.iloc[:4])) != base  # the item table changed
 
 
-def test_timestamp_ties_are_broken_by_item_id_not_by_file_order():
+def test_timestamp_ties_are_broken_by_a_fixed_order_not_by_file_order():
     raw = generate(n_users=30, n_items=40, n_interactions=600, seed=3)
     raw.ratings["timestamp"] = raw.ratings["timestamp"] // 100_000 * 100_000     # many equal timestamps
     shuffled = RawData(raw.ratings.sample(frac=1.0, random_state=1).reset_index(drop=True), raw.items, raw.users,
@@ -271,5 +280,6 @@ def test_timestamp_ties_are_broken_by_item_id_not_by_file_order():
     a, b = build_dataset(raw), build_dataset(shuffled)
     for field in ("users", "items", "timestamps", "split"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
-    tie = (np.diff(a.users) == 0) & (np.diff(a.timestamps) == 0)
-    assert tie.any() and (np.diff(a.items)[tie] > 0).all()
+    tie = np.flatnonzero((np.diff(a.users) == 0) & (np.diff(a.timestamps) == 0))
+    key = tie_order(a.user_ids[a.users], a.item_ids[a.items])
+    assert len(tie) and (key[tie] < key[tie + 1]).all()
