@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from recserve.models import Ranker, RankerConfig, TowerConfig, TwoTower
+from recserve.reference import RANKER_INPUTS
 
 SIZES = {"n_users": 6040, "n_items": 3706, "n_genres": 18, "user_cat_cards": [8, 3, 22]}   # ML-1M-like
 
@@ -32,7 +33,7 @@ def _inputs(cfg: TowerConfig, batch: int, k: int, device: str, seed: int = 0) ->
             "hour": ints(24, batch), "weekday": ints(7, batch), "cand_idx": ints(cfg.n_items, batch, k),
             "cand_genres": (torch.rand(batch, k, cfg.n_genres, generator=g) < 0.2).float().to(device),
             "cand_year": ints(32, batch, k), "cand_pop": (torch.rand(batch, k, generator=g) * 6).to(device),
-            "cand_vec": cvec}
+            "cand_vec": cvec, "cand_src": torch.randn(batch, k, 3, generator=g).to(device)}
 
 
 def _time(fn, repeats: int = 200, warmup: int = 20) -> tuple[float, float]:
@@ -56,8 +57,7 @@ def bench(candidates: int = 500, users_per_batch: tuple[int, ...] = (1, 8), towe
     tcfg = TowerConfig(**SIZES)
     rcfg = RankerConfig(**SIZES, tower_dim=tcfg.dim)
     two_tower, ranker = TwoTower(tcfg).to(device).eval(), Ranker(rcfg).to(device).eval()
-    names = ("user_idx", "user_cats", "user_vec", "hour", "weekday", "cand_idx", "cand_genres", "cand_year",
-             "cand_pop", "cand_vec")
+    names = RANKER_INPUTS
     rows = []
     for b in users_per_batch:
         x = _inputs(tcfg, b, candidates, device)

@@ -20,14 +20,16 @@ from recserve.reference import Tables, context_of, item_vectors, known_splits, r
 
 KS = (10, 20, 50)
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "hr@10", "coverage@10")
-MODELS = ("popularity", "mf", "two_tower", "two_tower+ranker")
-SERVED = "two_tower+ranker"    # the row `export repository` serves (metrics.json "served") when the ranker ships
+MODELS = ("popularity", "mf", "two_tower", "blend", "blend+ranker")
+SERVED = "blend+ranker"        # the row `export repository` serves (metrics.json "served") when the ranker ships
+RETRIEVAL_ORDER = "blend"      # ... and when it does not
 # What each row knows of a user when ranking the test period (baselines: `recserve.baselines.refit_test`).
 TEST_TIME_DATA = {
     "popularity": "refit on train+valid",
     "mf": "fitted on train, not refit",
     "two_tower": "train weights; train+valid history as input",
-    "two_tower+ranker": "as two_tower; ranker trained on valid",
+    "blend": "towers as two_tower; ALS, neighbours, popularity refit on train+valid; weights chosen on valid",
+    "blend+ranker": "as blend; ranker trained on valid (sources fitted on train)",
 }
 RERANK_CANDIDATES = 500   # K, as served (`export repository --candidates`)
 
@@ -67,8 +69,11 @@ def heldout(ds: Dataset, target: int) -> tuple[np.ndarray, list[np.ndarray], np.
 class Evaluator:
     """Scores every model on one split; `target` is VALID (model selection) or TEST (the reported table)."""
 
-    def __init__(self, ds: Dataset, target: int = TEST, history_len: int = 20):
+    def __init__(self, ds: Dataset, target: int = TEST, history_len: int = 20, sources=None):
+        """`sources`: (Blend, ViewSources) of the view that predicts `target` (`recserve.sources`); with them the
+        re-ranked rows use the served candidate rule (several sources merged), without, the towers' alone."""
         self.ds = ds
+        self.sources = sources
         self.target = target
         self.tables = Tables(ds, known_splits(target), history_len)
         self.users, self.truth, first_ts = heldout(ds, target)
@@ -98,23 +103,51 @@ class Evaluator:
         return self._metrics(lambda u: user_vectors(model, self.tables.users(u)) @ iv.T)[0]
 
     def two_tower_ranker(self, two_tower, ranker, candidates: int = RERANK_CANDIDATES, batch: int = 256):
-        """Retrieve `candidates` with the two towers by the candidate rule, re-order them with the ranker."""
+        """Retrieve `candidates` by the candidate rule, re-order them with the ranker (None: retrieval order)."""
         return ranking_metrics(self.served_lists(two_tower, ranker, candidates, batch), self.truth, self.ds.n_items)
 
-    def served_lists(self, two_tower, ranker, k: int = RERANK_CANDIDATES, batch: int = 256) -> np.ndarray:
-        """(users, 50) what the served path answers: the candidate rule, the ranker, top-k (`recserve.ranking`)."""
+    def candidate_batches(self, two_tower, k: int = RERANK_CANDIDATES, batch: int = 256):
+        """Per batch of users: (slice, features, user vectors, item vectors, cand (B, K), cand_src or None)."""
+        from recserve.sources import offline_candidates
+
         iv = item_vectors(two_tower, self.ds)
-        tops = []
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
             f = self.tables.users(u)
             uv = user_vectors(two_tower, f)
-            cand = candidates(uv @ iv.T, u, self.seen, k)
-            sl = slice(s, s + batch)
-            scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl],
-                                               np.maximum(cand, 0), iv))
+            if self.sources is None:
+                cand, src = candidates(uv @ iv.T, u, self.seen, k), None
+            else:
+                cand, src = offline_candidates(self.sources[0], uv, iv, self.sources[1], u, self.seen, k)
+            yield slice(s, s + batch), f, uv, iv, cand, src
+
+    def served_lists(self, two_tower, ranker, k: int = RERANK_CANDIDATES, batch: int = 256) -> np.ndarray:
+        """(users, 50) what the served path answers: the candidate rule, the ranker (or, when None, the retrieval
+        order: the blend score, or the towers' dot without sources), top-k (`recserve.ranking`)."""
+        tops = []
+        for sl, f, uv, iv, cand, src in self.candidate_batches(two_tower, k, batch):
+            if ranker is not None:
+                scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl],
+                                                   np.maximum(cand, 0), iv, src))
+            elif src is not None:
+                scores = src[..., 0]
+            else:
+                scores = np.einsum("bd,bkd->bk", uv, iv[np.maximum(cand, 0)])
             tops.append(top_k(scores, cand, max(KS))[0])
         return np.concatenate(tops)
+
+
+def sources_for(artifacts: Path, target: int, ds: Dataset | None = None):
+    """(Blend, ViewSources) that predict `target` (VALID: fitted on train; TEST: train + valid) from `recserve
+    train`'s artifacts."""
+    from recserve.sources import load_blend, load_view
+
+    view = {VALID: "valid", TEST: "test"}.get(target, "serve")
+    return load_blend(artifacts), load_view(artifacts, view, ds)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def evaluate_artifacts(artifacts: Path) -> dict:
@@ -124,12 +157,13 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     two_tower, _ = checkpoint.load(artifacts / "two_tower.pt", ds.fingerprint)
     ranker, _ = checkpoint.load(artifacts / "ranker.pt", ds.fingerprint)
     mf, _ = checkpoint.load(artifacts / "mf.pt", ds.fingerprint)
-    ev = Evaluator(ds, TEST, two_tower.cfg.history_len)
+    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST, ds))
     models = {
         "popularity": ev.popularity(np.bincount(ds.items[ds.mask(TRAIN, VALID)], minlength=ds.n_items)),
         "mf": ev.mf(mf),
         "two_tower": ev.two_tower(two_tower),
-        "two_tower+ranker": ev.two_tower_ranker(two_tower, ranker),
+        "blend": ev.two_tower_ranker(two_tower, None),
+        "blend+ranker": ev.two_tower_ranker(two_tower, ranker),
     }
     test_time = dict(TEST_TIME_DATA)
     gate_path = artifacts / "ranker_gate.json"
@@ -156,7 +190,8 @@ def evaluate_artifacts(artifacts: Path) -> dict:
                      "interactions": int(len(ds.users)), "test_users": int(len(ev.users))},
         },
         "models": models,
-        "served": SERVED if gate.get("shipped", True) else "two_tower",
+        "served": SERVED if gate.get("shipped", True) else RETRIEVAL_ORDER,
+        "blend": _read_json(artifacts / "blend.json"),
         "ranker_gate": gate,
     }
     for key in previous:          # keep sections other stages added (e.g. int8 gate figures)

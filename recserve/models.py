@@ -106,6 +106,8 @@ class RankerConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.3
     retrieval_temperature: float = 0.05   # the ranker starts from the towers' logit, dot / temperature
+    n_src: int = 3                        # source-score features per candidate (recserve.sources.SRC_FEATURES)
+    blend_scale: float = 0.0              # > 0: start from the blend score (cand_src[..., 0]) times this instead
 
 
 class CrossLayer(nn.Module):
@@ -134,17 +136,23 @@ class Ranker(nn.Module):
         self.genre_proj = nn.Linear(cfg.n_genres, 8, bias=False)
         self.year_emb = nn.Embedding(cfg.n_year_buckets, 4)
         d = cfg.tower_dim
-        self.in_dim = e + 8 * len(cfg.user_cat_cards) + 4 + 4 + e + 8 + 4 + 1 + 1 + 3 * d
+        self.in_dim = e + 8 * len(cfg.user_cat_cards) + 4 + 4 + e + 8 + 4 + 1 + 1 + 3 * d + cfg.n_src
         self.cross = nn.ModuleList(CrossLayer(self.in_dim) for _ in range(cfg.cross_layers))
         self.deep = _mlp([self.in_dim, *cfg.hidden, cfg.hidden[-1]], cfg.dropout)
         self.head = nn.Linear(self.in_dim + cfg.hidden[-1], 1)
-        # Residual on the retrieval logit: an untrained ranker orders like the towers, and training
-        # (on few, hard examples) only has to learn the corrections.
-        self.retrieval_scale = nn.Parameter(torch.tensor(1.0 / cfg.retrieval_temperature))
+        # Residual on the retrieval order: an untrained ranker orders like retrieval (the blend of the sources
+        # when blend_scale > 0, else the towers' logit), and training (on few, hard examples) only has to learn
+        # the corrections.
+        blend = cfg.blend_scale > 0
+        self.retrieval_scale = nn.Parameter(torch.tensor(0.0 if blend else 1.0 / cfg.retrieval_temperature))
+        init = torch.zeros(cfg.n_src)
+        if blend and cfg.n_src:
+            init[0] = cfg.blend_scale
+        self.src_weight = nn.Parameter(init)
 
     def forward(self, user_idx, user_cats, user_vec, hour, weekday,
-                cand_idx, cand_genres, cand_year, cand_pop, cand_vec) -> torch.Tensor:
-        """user_*: (B, ...), cand_*: (B, K, ...) -> scores (B, K)."""
+                cand_idx, cand_genres, cand_year, cand_pop, cand_vec, cand_src) -> torch.Tensor:
+        """user_*: (B, ...), cand_*: (B, K, ...) -> scores (B, K). cand_src: (B, K, n_src) source scores."""
         B, K = cand_idx.shape
         user_side = torch.cat(
             [self.user_emb(user_idx), *[emb(user_cats[:, j]) for j, emb in enumerate(self.cat_embs)],
@@ -153,13 +161,13 @@ class Ranker(nn.Module):
         uv = user_vec.unsqueeze(1).expand(B, K, user_vec.shape[-1])                      # (B, K, D)
         dot = (uv * cand_vec).sum(-1, keepdim=True)                                       # (B, K, 1)
         x0 = torch.cat([user_side, self.item_emb(cand_idx), self.genre_proj(cand_genres),
-                        self.year_emb(cand_year), cand_pop.unsqueeze(-1), dot, uv, cand_vec, uv * cand_vec],
-                       dim=-1).reshape(B * K, self.in_dim)                                # (B*K, F)
+                        self.year_emb(cand_year), cand_pop.unsqueeze(-1), dot, uv, cand_vec, uv * cand_vec,
+                        cand_src], dim=-1).reshape(B * K, self.in_dim)                    # (B*K, F)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
         out = self.head(torch.cat([x, self.deep(x0)], dim=-1))                            # (B*K, 1)
-        return out.reshape(B, K) + self.retrieval_scale * dot.squeeze(-1)
+        return out.reshape(B, K) + self.retrieval_scale * dot.squeeze(-1) + cand_src @ self.src_weight
 
 
 @dataclass
@@ -210,13 +218,15 @@ class ServingRanker(nn.Module):
     def __init__(self, ranker: Ranker, genres: torch.Tensor, year: torch.Tensor, pop: torch.Tensor):
         super().__init__()
         self.r = ranker.eval()
-        d, fu = ranker.cfg.tower_dim, ranker.in_dim - ranker.cfg.emb_dim - 8 - 4 - 1 - 1 - 3 * ranker.cfg.tower_dim
+        d, ns = ranker.cfg.tower_dim, ranker.cfg.n_src
+        fu = ranker.in_dim - ranker.cfg.emb_dim - 8 - 4 - 1 - 1 - 3 * d - ns
         # column blocks of x0, in Ranker.forward's order
         cols = {"user": list(range(fu)), "item": list(range(fu, fu + 29)), "dot": [fu + 29],
                 "uv": list(range(fu + 30, fu + 30 + d)), "cv": list(range(fu + 30 + d, fu + 30 + 2 * d)),
-                "uvcv": list(range(fu + 30 + 2 * d, fu + 30 + 3 * d))}
+                "uvcv": list(range(fu + 30 + 2 * d, fu + 30 + 3 * d)),
+                "src": list(range(fu + 30 + 3 * d, fu + 30 + 3 * d + ns))}
         self.user_cols = torch.tensor(cols["user"] + cols["uv"])
-        self.inter_cols = torch.tensor(cols["dot"] + cols["cv"] + cols["uvcv"])
+        self.inter_cols = torch.tensor(cols["dot"] + cols["cv"] + cols["uvcv"] + cols["src"])
         item_cols = torch.tensor(cols["item"])
         layers = [ranker.cross[0].lin, ranker.deep[0]]                       # the two linear maps of x0
         w = torch.cat([m.weight for m in layers])                            # (F + H0, F)
@@ -231,7 +241,7 @@ class ServingRanker(nn.Module):
         self.split = ranker.in_dim
 
     def forward(self, user_idx, user_cats, user_vec, hour, weekday,
-                cand_idx, cand_genres, cand_year, cand_pop, cand_vec) -> torch.Tensor:
+                cand_idx, cand_genres, cand_year, cand_pop, cand_vec, cand_src) -> torch.Tensor:
         r = self.r
         B, K = cand_idx.shape
         user_side = torch.cat(
@@ -241,13 +251,13 @@ class ServingRanker(nn.Module):
         prod = uv * cand_vec
         dot = prod.sum(-1, keepdim=True)                                                         # (B, K, 1)
         pre = (torch.cat([user_side, user_vec], -1) @ self.w_user.T).unsqueeze(1)               # (B, 1, F + H0)
-        pre = pre + self.item_table[cand_idx] + torch.cat([dot, cand_vec, prod], -1) @ self.w_inter.T
+        pre = pre + self.item_table[cand_idx] + torch.cat([dot, cand_vec, prod, cand_src], -1) @ self.w_inter.T
         x0 = torch.cat([user_side.unsqueeze(1).expand(B, K, user_side.shape[-1]), r.item_emb(cand_idx),
                         r.genre_proj(cand_genres), r.year_emb(cand_year), cand_pop.unsqueeze(-1), dot, uv, cand_vec,
-                        prod], dim=-1)                                                           # (B, K, F)
+                        prod, cand_src], dim=-1)                                                 # (B, K, F)
         x = x0 * pre[..., :self.split] + x0                                                      # first cross layer
         for layer in r.cross[1:]:
             x = layer(x0, x)
         deep = r.deep[1:](pre[..., self.split:])                                                 # after deep[0]
         out = r.head(torch.cat([x, deep], dim=-1))                                               # (B, K, 1)
-        return out.squeeze(-1) + r.retrieval_scale * dot.squeeze(-1)
+        return out.squeeze(-1) + r.retrieval_scale * dot.squeeze(-1) + cand_src @ r.src_weight

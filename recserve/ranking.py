@@ -9,6 +9,8 @@ ties going to the lower item index; when fewer than K unseen items exist the row
 "Seen" is every interaction the model may know of: train (+ valid) offline, everything in serving.
 Offline the rule runs on full score rows (`candidates`); the server runs it on over-fetched search results
 (`unseen_candidates`): fetching K + |seen| results guarantees K unseen ones, so both give the same list.
+Several sources' candidate lists become the K by `merge_sources` (quotas first, then the vector search;
+`recserve.sources.assemble` says which lists).
 """
 
 from __future__ import annotations
@@ -107,6 +109,27 @@ def unseen_candidates(ids: np.ndarray, users: np.ndarray, seen: Seen, k: int) ->
     order = np.argsort(drop, axis=1, kind="stable")[:, :k]
     kept = np.take_along_axis(ids, order, 1)
     kept = np.where(np.take_along_axis(drop, order, 1), PAD_ID, kept)
+    return _pad(kept, k)
+
+
+def merge_sources(lists: list[np.ndarray], k: int) -> np.ndarray:
+    """(B, k) the first k distinct non-PAD ids of each row of the lists laid end to end, in that order.
+
+    How several sources' candidates (each already unseen, best first) become one set: earlier lists are
+    taken first (their quotas), later ones fill up; an id a list repeats is kept once, at its first place.
+    """
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists], axis=1)
+    if ids.shape[1] == 0:
+        return np.full((len(ids), k), PAD_ID, np.int64)
+    by_id = np.argsort(ids, axis=1, kind="stable")                  # equal ids: earliest position first
+    sorted_ids = np.take_along_axis(ids, by_id, 1)
+    repeat = np.zeros(ids.shape, bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    drop = np.empty(ids.shape, bool)
+    np.put_along_axis(drop, by_id, repeat, 1)
+    drop |= ids < 0
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    kept = np.where(np.take_along_axis(drop, order, 1), PAD_ID, np.take_along_axis(ids, order, 1))
     return _pad(kept, k)
 
 

@@ -71,19 +71,24 @@ def item_vectors(model: TwoTower, ds: Dataset, batch: int = 65536) -> np.ndarray
 
 
 def ranker_batch(tables: Tables, f: UserFeatures, user_vec: np.ndarray, hour: np.ndarray, weekday: np.ndarray,
-                 cand: np.ndarray, item_vecs: np.ndarray) -> dict[str, np.ndarray]:
-    """Gather the ranker's inputs for a (B, K) block of candidate item indices."""
+                 cand: np.ndarray, item_vecs: np.ndarray, src: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Gather the ranker's inputs for a (B, K) block of candidate item indices; `src` (B, K, S) their source
+    scores (`recserve.sources.source_features`; zeros when absent)."""
     ds = tables.ds
+    if src is None:
+        src = np.zeros((*cand.shape, N_SRC), np.float32)
     return {
         "user_idx": f.user_idx.astype(np.int64), "user_cats": f.user_cats.astype(np.int64),
         "user_vec": user_vec.astype(np.float32), "hour": hour.astype(np.int64), "weekday": weekday.astype(np.int64),
         "cand_idx": cand.astype(np.int64), "cand_genres": ds.item_genres[cand], "cand_year": ds.item_year[cand],
         "cand_pop": tables.item_pop[cand], "cand_vec": item_vecs[cand].astype(np.float32),
+        "cand_src": np.asarray(src, np.float32),
     }
 
 
 RANKER_INPUTS = ("user_idx", "user_cats", "user_vec", "hour", "weekday",
-                 "cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec")
+                 "cand_idx", "cand_genres", "cand_year", "cand_pop", "cand_vec", "cand_src")
+N_SRC = 3   # len(recserve.sources.SRC_FEATURES): blend, ALS term, neighbour term
 
 
 @torch.no_grad()

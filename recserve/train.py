@@ -24,6 +24,14 @@ from recserve.evaluate import Evaluator
 from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
 from recserve.ranking import candidates
 from recserve.reference import RANKER_INPUTS, context_of, item_vectors, ranker_batch, user_vectors
+from recserve.sources import (VIEWS, Blend, ViewSources, fit_view, offline_candidates, save_sources,
+                              source_features, tune_blend)
+
+# ALS / EASE / item-kNN settings of the candidate sources when the baselines are not tuned (--budget-minutes 0)
+DEFAULT_SOURCE_PARAMS = {"als": {"factors": 64, "regularization": 1.0, "alpha": 1.0, "iterations": 15},
+                         "ease": {"lam": 500.0}, "itemknn": {"neighbours": 100, "shrink": 10.0}}
+
+Sources = tuple[Blend, ViewSources]
 
 
 @dataclass
@@ -45,7 +53,8 @@ class TrainConfig:
     candidates: int = 500
     patience: int = 4
     max_eval_users: int = 5000   # validation during training uses at most this many users
-    baselines_budget: float = 60.0   # seconds to tune EASE, item-kNN and ALS on validation (0: skip them)
+    baselines_budget: float = 60.0   # seconds to tune EASE, item-kNN and ALS on validation (0: default settings)
+    blend_budget: float = 20.0       # seconds to choose the blend weights of the candidate sources on validation
     threads: int = 0             # 0: torch's default
 
 
@@ -77,8 +86,8 @@ class EarlyStopping:
         return self.best
 
 
-def _val_evaluator(ds: Dataset, cfg: TrainConfig) -> Evaluator:
-    ev = Evaluator(ds, VALID)
+def _val_evaluator(ds: Dataset, cfg: TrainConfig, sources: Sources | None = None) -> Evaluator:
+    ev = Evaluator(ds, VALID, sources=sources)
     if len(ev.users) > cfg.max_eval_users:
         keep = np.random.default_rng(cfg.seed).choice(len(ev.users), cfg.max_eval_users, replace=False)
         keep.sort()
@@ -160,16 +169,24 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
 
 
 @torch.no_grad()
-def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig) -> dict[str, np.ndarray]:
-    """One group per validation interaction: [positive, negatives mined from the user's retrieved top-K]."""
+def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources: Sources | None = None
+                    ) -> dict[str, np.ndarray]:
+    """One group per validation interaction: [positive, negatives mined from the user's K candidates].
+
+    `sources`: the blend and the `valid` view; the candidates then come from the served rule (all sources
+    merged) and every group item gets its source scores (`cand_src`); without, from the towers alone.
+    """
     rng = np.random.default_rng(cfg.seed + 1)
-    ev = Evaluator(ds, VALID, two_tower.cfg.history_len)
+    ev = Evaluator(ds, VALID, two_tower.cfg.history_len, sources=sources)
     iv = item_vectors(two_tower, ds)
     m = ds.split == VALID
     v_users, v_items, v_ts = ds.users[m], ds.items[m], ds.timestamps[m]
     f = ev.tables.users(ev.users)
     uv = user_vectors(two_tower, f)
-    cand = candidates(uv @ iv.T, ev.users, ev.seen, cfg.candidates)   # the served candidate rule
+    if sources is None:
+        cand = candidates(uv @ iv.T, ev.users, ev.seen, cfg.candidates)   # the towers' candidate rule
+    else:
+        cand, _ = offline_candidates(sources[0], uv, iv, sources[1], ev.users, ev.seen, cfg.candidates)
     row_of = {u: r for r, u in enumerate(ev.users)}
     groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
     for n, (u, i) in enumerate(zip(v_users, v_items)):
@@ -181,7 +198,28 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig) -> dict[
     rows = np.array([row_of[u] for u in v_users])
     hour, weekday = context_of(v_ts)
     fu = ev.tables.users(v_users)
-    return ranker_batch(ev.tables, fu, uv[rows], hour, weekday, groups, iv)
+    src = None
+    if sources is not None:
+        blend, view = sources
+        items = Blend.item_matrix(iv, view)
+        als_user = view.als_user[ev.users]
+        src = source_features(blend, blend.query(uv, als_user)[rows], items, view.neighbour_rows(ev.users)[rows],
+                              als_user[rows], view.als_item, groups)
+    return ranker_batch(ev.tables, fu, uv[rows], hour, weekday, groups, iv, src)
+
+
+def blend_scale(examples: dict[str, np.ndarray]) -> float:
+    """The scale s for which softmax(s * blend score) best fits the groups (lowest cross-entropy): where the
+    ranker's residual on the retrieval order starts, so that training begins at the retrieval order."""
+    blend = examples["cand_src"][..., 0].astype(np.float64)                  # (N, 1 + negatives), positive first
+    best = None
+    for s in np.geomspace(0.01, 1000.0, 61):
+        z = s * blend
+        z = z - z.max(axis=1, keepdims=True)
+        ce = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[:, 0]))
+        if best is None or ce < best[0]:
+            best = (ce, float(s))
+    return best[1]
 
 
 def held_out_users(users: np.ndarray, seed: int) -> np.ndarray:
@@ -192,7 +230,7 @@ def held_out_users(users: np.ndarray, seed: int) -> np.ndarray:
 
 
 def ranker_gate(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, examples: dict[str, np.ndarray],
-                progress: bool = False) -> dict:
+                progress: bool = False, sources: Sources | None = None, ranker_cfg: RankerConfig | None = None) -> dict:
     """Ship the ranker only when it beats its own retrieval order on validation, never on test.
 
     Cross-fitted, so every validation user counts and none is judged by a ranker that trained on them: the
@@ -201,19 +239,20 @@ def ranker_gate(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, examples: di
     (A single 15% hold-out, ~140 users on ML-100K, was too noisy: it said 0.181 vs 0.189 where the test split
     said 0.196 vs 0.179.)
     """
-    ev = Evaluator(ds, VALID, two_tower.cfg.history_len)
+    ev = Evaluator(ds, VALID, two_tower.cfg.history_len, sources=sources)
     order = np.random.default_rng(cfg.seed + 3).permutation(len(ev.users))
     fold = np.empty(len(ev.users), np.int64)
     fold[order] = np.arange(len(ev.users)) % 2
     ranked, retrieval = [], []
     for f in (0, 1):
-        ranker = train_ranker(ds, two_tower, cfg, progress, users=ev.users[fold != f], examples=examples)
-        part = Evaluator(ds, VALID, two_tower.cfg.history_len)
+        ranker = train_ranker(ds, two_tower, cfg, progress, ranker_cfg=ranker_cfg, users=ev.users[fold != f],
+                              examples=examples)
+        part = Evaluator(ds, VALID, two_tower.cfg.history_len, sources=sources)
         keep = fold == f
         part.users, part.truth = ev.users[keep], [t for t, k in zip(ev.truth, keep) if k]
         part.hour, part.weekday = ev.hour[keep], ev.weekday[keep]
         ranked.append(part.two_tower_ranker(two_tower, ranker, cfg.candidates)["ndcg@10"] * keep.sum())
-        retrieval.append(part.two_tower(two_tower)["ndcg@10"] * keep.sum())
+        retrieval.append(part.two_tower_ranker(two_tower, None, cfg.candidates)["ndcg@10"] * keep.sum())
     with_ranker, without = round(sum(ranked) / len(ev.users), 5), round(sum(retrieval) / len(ev.users), 5)
     return {"shipped": bool(with_ranker > without), "metric": "ndcg@10",
             "split": "valid, 2-fold cross-fitted over its users", "users": int(len(ev.users)),
@@ -269,6 +308,22 @@ def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: b
     return model
 
 
+def fit_sources(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, params: dict, out: Path) -> Sources:
+    """Fit ALS, the neighbour table and popularity for every view (ARTIFACTS/sources.npz), choose the blend
+    weights on validation (ARTIFACTS/blend.json); returns the blend and the `valid` view."""
+    t1 = time.time()
+    views = {v: fit_view(ds, v, params, cfg.seed) for v in VIEWS}
+    save_sources(out / "sources.npz", views)
+    ev = _val_evaluator(ds, cfg)
+    uv = user_vectors(two_tower, ev.tables.users(ev.users))
+    blend, info = tune_blend(ev, uv, item_vectors(two_tower, ds), views["valid"], cfg.blend_budget, cfg.seed)
+    (out / "blend.json").write_text(json.dumps({**info, "source_params": params,
+                                                "budget_seconds": cfg.blend_budget}, indent=2))
+    _log(f"  sources fitted and blend chosen in {time.time() - t1:.0f} s: weights {info['weights']} "
+         f"(validation ndcg@10 {info['valid']['ndcg@10']:.4f}, {info['tried']} of {info['grid_size']} tried)")
+    return blend, views["valid"]
+
+
 def vocabularies(ds: Dataset) -> dict:
     """Index -> raw value maps for every id and categorical feature the models embed."""
     return {"user_ids": ds.user_ids.tolist(), "item_ids": ds.item_ids.tolist(), "genres": list(ds.genre_names),
@@ -298,13 +353,7 @@ def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = T
     checkpoint.save(mf, "mf", out / "mf.pt", ds.fingerprint, **meta)
     two_tower = train_two_tower(ds, cfg, ev, progress)
     checkpoint.save(two_tower, "two_tower", out / "two_tower.pt", ds.fingerprint, **meta)
-    examples = ranker_examples(ds, two_tower, cfg)
-    ranker = train_ranker(ds, two_tower, cfg, progress, examples=examples)
-    checkpoint.save(ranker, "ranker", out / "ranker.pt", ds.fingerprint, **meta)
-    gate = ranker_gate(ds, two_tower, cfg, examples)
-    (out / "ranker_gate.json").write_text(json.dumps(gate, indent=2))
-    _log(f"  ranker {'shipped' if gate['shipped'] else 'NOT shipped'}: validation ndcg@10 {gate['ranker']:.4f} "
-         f"vs its retrieval order {gate['retrieval_order']:.4f} ({gate['users']} users, cross-fitted)")
+    params = dict(DEFAULT_SOURCE_PARAMS)
     if cfg.baselines_budget > 0:
         from recserve.baselines import tune
 
@@ -314,6 +363,17 @@ def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = T
                                                        indent=2))
         _log(f"  baselines tuned on validation in {time.time() - t1:.0f} s (budget {cfg.baselines_budget:g} s): "
              + ", ".join(f"{n} {r['params']}" for n, r in tuned.items() if "params" in r))
+        params.update({n: tuned[n]["params"] for n in params if "params" in tuned.get(n, {})})
+    sources = fit_sources(ds, two_tower, cfg, params, out)
+    examples = ranker_examples(ds, two_tower, cfg, sources)
+    ranker_cfg = RankerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards, two_tower.cfg.dim,
+                              retrieval_temperature=two_tower.cfg.temperature, blend_scale=blend_scale(examples))
+    ranker = train_ranker(ds, two_tower, cfg, progress, ranker_cfg=ranker_cfg, examples=examples)
+    checkpoint.save(ranker, "ranker", out / "ranker.pt", ds.fingerprint, **meta)
+    gate = ranker_gate(ds, two_tower, cfg, examples, sources=sources, ranker_cfg=ranker_cfg)
+    (out / "ranker_gate.json").write_text(json.dumps(gate, indent=2))
+    _log(f"  ranker {'shipped' if gate['shipped'] else 'NOT shipped'}: validation ndcg@10 {gate['ranker']:.4f} "
+         f"vs its retrieval order {gate['retrieval_order']:.4f} ({gate['users']} users, cross-fitted)")
     summary = {"seconds": round(time.time() - t0, 1), "fingerprint": ds.fingerprint, "config": asdict(cfg)}
     (out / "train.json").write_text(json.dumps(summary, indent=2))
     _log(f"trained in {summary['seconds']} s -> {out}")

@@ -28,7 +28,7 @@ from recserve import checkpoint
 from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
 from recserve.errors import ArtifactError
 from recserve.models import Ranker, ServingRanker, TwoTower
-from recserve.reference import Tables, item_vectors
+from recserve.reference import N_SRC, Tables, item_vectors
 
 OPSET = 18
 MAX_REL_ERROR = 1e-5
@@ -61,7 +61,8 @@ def random_inputs(name: str, ds: Dataset, history_len: int, dim: int, batch: int
     return {"user_idx": users["user_idx"], "user_cats": users["user_cats"], "user_vec": unit(batch, dim),
             "hour": rng.integers(0, 24, batch), "weekday": rng.integers(0, 7, batch),
             "cand_idx": cand, "cand_genres": ds.item_genres[cand], "cand_year": ds.item_year[cand],
-            "cand_pop": ds.item_popularity(TRAIN)[cand], "cand_vec": unit(batch, k, dim)}
+            "cand_pop": ds.item_popularity(TRAIN)[cand], "cand_vec": unit(batch, k, dim),
+            "cand_src": rng.standard_normal((batch, k, N_SRC)).astype(np.float32)}
 
 
 def export_model(module: nn.Module, name: str, example: dict[str, np.ndarray], path: Path) -> None:

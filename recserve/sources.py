@@ -1,0 +1,295 @@
+"""Candidate sources beside the two towers, and the blend that merges them. numpy + scipy, no torch.
+
+A user's K candidates come from three sources, merged by the candidate rule (`recserve.ranking.merge_sources`):
+
+  vectors     one inner-product search over the *blend vector*: [c_tt * user tower vector, c_als * ALS user
+              factors, c_pop] against [item tower vector, ALS item factors, log popularity], which is exactly
+              the linear blend of the three dense scores, so one FAISS index serves all three;
+  neighbours  item-to-item: the user's RECENT newest items, each with its NEIGHBOURS strongest successors in
+              a precomputed table (EASE^R's weights, or item-kNN's above EASE_MAX_ITEMS items); an item's
+              score is the sum over the user's recent items (items with a positive score only);
+  popularity  the most popular items of the period the view knows.
+
+Each source gets a quota of the K (QUOTA), the rest are the vector search's best; duplicates and seen items are
+removed, so every user gets K distinct unseen candidates when the catalogue has them. The retrieval order is
+the blend score  c_tt * tower dot + c_als * ALS dot + c_pop * popularity + c_nbr * neighbour score,  whose
+weights are chosen on validation (`tune_blend`); the ranker sees SRC_FEATURES of every candidate.
+
+The sources are fitted once per *view* (which interactions are known) by `recserve train`: `valid` (train split:
+ranker training, blend tuning), `test` (train + valid: evaluation) and `serve` (everything: the repository), and
+written to ARTIFACTS/sources.npz, so that evaluation and the served repository read the same fitted numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
+from recserve.ranking import PAD_ID, Seen, candidates, merge_sources, top_positions, unseen_candidates
+
+VIEWS = {"valid": (TRAIN,), "test": (TRAIN, VALID), "serve": (TRAIN, VALID, TEST)}
+TERMS = ("two_tower", "als", "popularity", "neighbours")          # the blend's terms, in this order
+SRC_FEATURES = ("blend", "als", "neighbours")                    # the ranker's `cand_src` columns
+NEIGHBOURS = 100         # successors kept per item in the neighbour table
+RECENT = 50              # the user's newest items the neighbour source starts from
+QUOTA = {"neighbours": 0.2, "popularity": 0.05}                  # share of K each source may fill first
+WEIGHT_GRID = {"two_tower": (0.0, 0.25, 0.5, 1.0), "als": (0.0, 0.25, 0.5, 1.0),
+               "popularity": (0.0, 0.1, 0.2), "neighbours": (0.0, 0.25, 0.5, 1.0)}
+
+
+@dataclass
+class ViewSources:
+    """The fitted non-neural sources for one view."""
+
+    als_user: np.ndarray      # (U, F) float32
+    als_item: np.ndarray      # (I, F) float32
+    nbr: sp.csr_matrix        # (I, I) float32: row j holds item j's NEIGHBOURS strongest successors
+    pop: np.ndarray           # (I,) float32 log(1 + count) over the view's interactions
+    recent: np.ndarray        # (U, RECENT) int64 newest first, padded with n_items
+
+    @property
+    def pop_order(self) -> np.ndarray:
+        """Items by popularity, most popular first, ties to the lower index."""
+        return np.argsort(-self.pop, kind="stable")
+
+    def neighbour_rows(self, users: np.ndarray) -> sp.csr_matrix:
+        """(B, I) neighbour scores: the sum of the table rows of each user's recent items, indices sorted."""
+        rec = self.recent[np.asarray(users, dtype=np.int64).reshape(-1)]
+        n = self.nbr.shape[0]
+        rows, cols = np.nonzero(rec < n)
+        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, rec[rows, cols])), shape=(len(rec), n))
+        out = (x @ self.nbr).tocsr()
+        out.sort_indices()
+        return out
+
+
+@dataclass
+class Blend:
+    """The retrieval order: weights per term already divided by the term's scale (its std on validation)."""
+
+    coef: dict[str, float]
+
+    def query(self, user_vec: np.ndarray, als_user: np.ndarray) -> np.ndarray:
+        """(B, D + F + 1) blend vectors of users, for the inner-product index over `item_matrix`."""
+        c = self.coef
+        return np.concatenate([c["two_tower"] * user_vec, c["als"] * als_user,
+                               np.full((len(user_vec), 1), c["popularity"], np.float32)], axis=1).astype(np.float32)
+
+    @staticmethod
+    def item_matrix(item_vec: np.ndarray, src: ViewSources) -> np.ndarray:
+        """(I, D + F + 1) the items' side of the blend vector."""
+        return np.concatenate([item_vec, src.als_item, src.pop[:, None]], axis=1).astype(np.float32)
+
+
+# ---- the candidate rule over the sources ----------------------------------------------------------------------
+
+def quotas(k: int) -> tuple[int, int]:
+    """(neighbours, popularity) candidates each may contribute before the vector search fills the rest."""
+    return int(k * QUOTA["neighbours"]), int(k * QUOTA["popularity"])
+
+
+def neighbour_candidates(rows: sp.csr_matrix, users: np.ndarray, seen: Seen, k: int) -> np.ndarray:
+    """(B, k) each user's best unseen items by positive neighbour score, best first, ties to the lower index."""
+    out = np.full((rows.shape[0], k), PAD_ID, np.int64)
+    for r, u in enumerate(np.asarray(users).reshape(-1)):
+        lo, hi = rows.indptr[r], rows.indptr[r + 1]
+        idx, val = rows.indices[lo:hi].astype(np.int64), rows.data[lo:hi]
+        keep = (val > 0) & ~np.isin(idx, seen.of(int(u)))
+        idx, val = idx[keep], val[keep]
+        if len(idx):
+            pos = top_positions(val[None, :], k)[0]
+            out[r, :len(pos)] = idx[pos]
+    return out
+
+
+def popular_candidates(src: ViewSources, users: np.ndarray, seen: Seen, k: int) -> np.ndarray:
+    """(B, k) the most popular items each user has not seen."""
+    users = np.asarray(users, dtype=np.int64).reshape(-1)
+    extra = int(seen.count(users).max()) if len(users) else 0
+    head = src.pop_order[:k + extra]
+    return unseen_candidates(np.broadcast_to(head, (len(users), len(head))), users, seen, k)
+
+
+def assemble(ann: np.ndarray, nbr_rows: sp.csr_matrix, users: np.ndarray, seen: Seen, src: ViewSources,
+             k: int) -> np.ndarray:
+    """The K candidates: the neighbour and popularity quotas first, then the vector search's best (`ann`:
+    (B, >= k) unseen ids, best first), without duplicates. The same code offline and in the served step."""
+    q_nbr, q_pop = quotas(k)
+    return merge_sources([neighbour_candidates(nbr_rows, users, seen, q_nbr),
+                          popular_candidates(src, users, seen, q_pop), ann], k)
+
+
+def lookup(rows: sp.csr_matrix, cand: np.ndarray) -> np.ndarray:
+    """(B, K) the entries of sparse rows (sorted indices) at `cand`; 0 where absent or PAD."""
+    out = np.zeros(cand.shape, np.float32)
+    for r in range(cand.shape[0]):
+        lo, hi = rows.indptr[r], rows.indptr[r + 1]
+        if hi == lo:
+            continue
+        idx = rows.indices[lo:hi]
+        pos = np.clip(np.searchsorted(idx, cand[r]), 0, hi - lo - 1)
+        hit = (idx[pos] == cand[r]) & (cand[r] >= 0)
+        out[r] = np.where(hit, rows.data[lo:hi][pos], 0.0)
+    return out
+
+
+def source_features(blend: Blend, query: np.ndarray, items: np.ndarray, nbr_rows: sp.csr_matrix,
+                    als_user: np.ndarray, als_item: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """(B, K, len(SRC_FEATURES)) float32 for candidate ids `cand` (PAD rows are 0): the blend score (the
+    retrieval order), the weighted ALS term and the weighted neighbour term."""
+    safe = np.maximum(cand, 0)
+    real = cand >= 0
+    nbr = blend.coef["neighbours"] * lookup(nbr_rows, cand)
+    total = np.einsum("bd,bkd->bk", query, items[safe]) + nbr
+    als = blend.coef["als"] * np.einsum("bf,bkf->bk", als_user, als_item[safe])
+    return np.where(real[..., None], np.stack([total, als, nbr], axis=-1), 0.0).astype(np.float32)
+
+
+# ---- fitting, per view --------------------------------------------------------------------------------------
+
+def _top_per_row(m: np.ndarray | sp.spmatrix, n: int) -> sp.csr_matrix:
+    """Keep each row's n largest positive entries (diagonal excluded)."""
+    m = sp.csr_matrix(m) if sp.issparse(m) else m
+    rows_out, cols_out, vals_out = [], [], []
+    n_rows = m.shape[0]
+    for s in range(0, n_rows, 1024):
+        block = m[s:s + 1024]
+        block = block.toarray() if sp.issparse(block) else np.array(block, dtype=np.float32)
+        block[np.arange(len(block)), np.arange(s, s + len(block))] = 0.0
+        k = min(n, block.shape[1])
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+        val = np.take_along_axis(block, top, 1)
+        keep = val > 0
+        rows_out.append(np.broadcast_to(np.arange(s, s + len(block))[:, None], top.shape)[keep])
+        cols_out.append(top[keep])
+        vals_out.append(val[keep])
+    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    out = sp.csr_matrix((cat(vals_out, np.float32), (cat(rows_out, np.int64), cat(cols_out, np.int64))),
+                        shape=m.shape)
+    out.sort_indices()
+    return out
+
+
+def fit_view(ds: Dataset, view: str, params: dict, seed: int = 0) -> ViewSources:
+    """ALS, the neighbour table and popularity on the view's interactions, with the tuned baseline settings.
+
+    params: {"als": ALS kwargs, "ease": {"lam"} or None, "itemknn": ItemKNN kwargs} (from `baselines.tune`).
+    """
+    from recserve.baselines import ALS, EASE, ItemKNN, ease_refusal, interactions
+
+    X = interactions(ds, *VIEWS[view])
+    als = ALS(**params["als"], random_state=seed).fit(X)
+    item_has_rows = np.asarray(X.sum(axis=0)).ravel() > 0
+    als_item = np.where(item_has_rows[:, None], als.item_factors, 0.0).astype(np.float32)
+    if params.get("ease") and ease_refusal(ds.n_items) is None:
+        table = _top_per_row(EASE(**params["ease"]).fit(X).B, NEIGHBOURS)
+    else:
+        table = _top_per_row(ItemKNN(**params["itemknn"]).fit(X).S, NEIGHBOURS)
+    counts = np.asarray(X.sum(axis=0)).ravel()
+    return ViewSources(als_user=als.user_factors.astype(np.float32), als_item=als_item, nbr=table,
+                       pop=np.log1p(counts).astype(np.float32),
+                       recent=ds.last_history(*VIEWS[view], length=RECENT))
+
+
+def save_sources(path: Path, views: dict[str, ViewSources]) -> None:
+    arrays = {}
+    for name, v in views.items():
+        arrays.update({f"{name}/als_user": v.als_user, f"{name}/als_item": v.als_item, f"{name}/pop": v.pop,
+                       f"{name}/nbr_indptr": v.nbr.indptr, f"{name}/nbr_indices": v.nbr.indices,
+                       f"{name}/nbr_data": v.nbr.data})
+    np.savez(path, **arrays)
+
+
+def load_view(artifacts: Path, view: str, ds: Dataset | None = None) -> ViewSources:
+    """One view of ARTIFACTS/sources.npz (written by `recserve train`)."""
+    from recserve.errors import ArtifactError
+
+    artifacts = Path(artifacts)
+    path = artifacts / "sources.npz"
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing: run `recserve train` (it fits the candidate sources)")
+    if view not in VIEWS:
+        raise ArtifactError(f"view {view!r} is not known: choose {', '.join(VIEWS)}")
+    ds = ds or Dataset.load(artifacts / "dataset.npz")
+    with np.load(path) as z:
+        n = ds.n_items
+        nbr = sp.csr_matrix((z[f"{view}/nbr_data"], z[f"{view}/nbr_indices"], z[f"{view}/nbr_indptr"]), shape=(n, n))
+        return ViewSources(als_user=z[f"{view}/als_user"], als_item=z[f"{view}/als_item"], nbr=nbr,
+                           pop=z[f"{view}/pop"], recent=ds.last_history(*VIEWS[view], length=RECENT))
+
+
+def load_blend(artifacts: Path) -> Blend:
+    from recserve.errors import ArtifactError
+
+    path = Path(artifacts) / "blend.json"
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing: run `recserve train` (it tunes the blend on validation)")
+    return Blend(json.loads(path.read_text())["coef"])
+
+
+# ---- the blend, tuned on validation ---------------------------------------------------------------------------
+
+def term_scores(user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources, users: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """Full (B, I) score rows of each blend term, unweighted."""
+    users = np.asarray(users, dtype=np.int64)
+    return {"two_tower": user_vec @ item_vec.T, "als": src.als_user[users] @ src.als_item.T,
+            "popularity": np.broadcast_to(src.pop, (len(users), len(src.pop))),
+            "neighbours": src.neighbour_rows(users).toarray()}
+
+
+def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources, budget_seconds: float,
+               seed: int = 0) -> tuple[Blend, dict]:
+    """Choose the blend weights by validation ndcg@10 (ties: recall@50), full ranking, within a time budget.
+
+    `ev` is the VALID Evaluator and `src` the `valid` view (fitted on train). Each term is first divided by its
+    std over the validation users' score rows, so the weights are comparable across data sets. The grid
+    (WEIGHT_GRID, all-zero excluded) is tried in a seeded random order, the all-towers point first, until the
+    budget is spent.
+    """
+    t0 = time.perf_counter()
+    rows = term_scores(user_vec, item_vec, src, ev.users)
+    scale = {t: float(np.std(rows[t])) or 1.0 for t in TERMS}
+    grid = [dict(zip(TERMS, w)) for w in itertools.product(*(WEIGHT_GRID[t] for t in TERMS)) if any(w)]
+    rng = np.random.default_rng([seed, zlib.crc32(b"blend")])
+    first = {"two_tower": 1.0, "als": 0.0, "popularity": 0.0, "neighbours": 0.0}
+    order = [first] + [grid[j] for j in rng.permutation(len(grid)) if grid[j] != first]
+    tried, best = [], None
+    for w in order:
+        if tried and time.perf_counter() - t0 > budget_seconds:
+            break
+        total = sum(w[t] / scale[t] * rows[t] for t in TERMS if w[t])
+        m = ev._metrics(lambda u, total=total: total[np.searchsorted(ev.users, u)])[0]
+        tried.append({"weights": w, "ndcg@10": m["ndcg@10"], "recall@50": m["recall@50"]})
+        key = (m["ndcg@10"], m["recall@50"])
+        if best is None or key > best[0]:
+            best = (key, w, m)
+    _, w, valid = best
+    coef = {t: float(w[t] / scale[t]) for t in TERMS}
+    info = {"weights": w, "scale": scale, "coef": coef, "valid": valid, "tried": len(tried), "grid_size": len(grid),
+            "seconds": round(time.perf_counter() - t0, 2), "metric": "ndcg@10 on valid (full ranking)"}
+    return Blend(coef), info
+
+
+def offline_candidates(blend: Blend, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
+                       users: np.ndarray, seen: Seen, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The served candidate rule, offline: (cand (B, K), cand_src (B, K, S)). Exact search replaces FAISS."""
+    users = np.asarray(users, dtype=np.int64)
+    q = blend.query(user_vec, src.als_user[users])
+    items = Blend.item_matrix(item_vec, src)
+    nbr_rows = src.neighbour_rows(users)
+    k = min(k, len(item_vec))
+    cand = assemble(candidates(q @ items.T, users, seen, k), nbr_rows, users, seen, src, k)
+    return cand, source_features(blend, q, items, nbr_rows, src.als_user[users], src.als_item, cand)
+
+
+__all__ = ["Blend", "QUOTA", "SRC_FEATURES", "TERMS", "VIEWS", "ViewSources", "assemble", "fit_view",
+           "load_blend", "load_view", "offline_candidates", "save_sources", "source_features", "tune_blend"]
