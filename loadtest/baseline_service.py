@@ -1,7 +1,6 @@
 """The plain alternative the Triton ensemble must beat: ONNX Runtime + FAISS in-process behind FastAPI.
 
-It serves the repository's own files (`user_tower.onnx`, `users.npz`, `index.faiss`, `index.json`, `seen.npz`
-from the step that holds them, `ranker/1/model.onnx`) at Triton's address for the ensemble,
+It serves the repository's own files (the `retrieval` step's graph, index and tables, `ranker/1/model.onnx`) at Triton's address for the ensemble,
 ``POST /v2/models/recommend/infer``, with the same KServe v2 JSON in and out, so one load generator (wrk,
 `loadtest/wrk_recommend.lua`) drives both. Built as a competent engineer would for a 2-core box:
 
@@ -11,8 +10,9 @@ from the step that holds them, `ranker/1/model.onnx`) at Triton's address for th
   worker answers one request at a time and the kernel queues the rest;
 - ONNX Runtime sessions with ``cores // workers`` intra-op threads (1 here) and no spinning, one FAISS (OpenMP)
   thread per worker;
-- the same graphs, index and tables as the served path, and its candidate rule from `recserve/ranking.py`
-  (search ``fetch_size`` results, keep the first K unseen), numpy-vectorised over the rows of a request.
+- the same graphs, index and tables as the served path, and its candidate step's code
+  (`recserve.serving.steps.retrieval.Retriever`: FAISS over the blend vectors, the neighbour and popularity
+  sources, the candidate rule), numpy-vectorised over the rows of a request.
 
     python loadtest/baseline_service.py --repository work/repo_fp32 --port 8080 [--workers 2] [--threads 1]
 
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.ranking import Seen, fetch_size, unseen_candidates
 
 ENV_REPOSITORY = "RECSERVE_BASELINE_REPOSITORY"
 ENV_THREADS = "RECSERVE_BASELINE_THREADS"
@@ -121,23 +120,16 @@ class Recommender:
     """user tower -> FAISS + candidate rule -> ranker graph, for the rows of one request."""
 
     def __init__(self, repository: str | os.PathLike[str], threads: int = 1) -> None:
-        import faiss
+        from recserve.serving.steps.retrieval import Retriever
 
         root = Path(repository)
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         self.k_max, self.candidates = int(manifest["k_max"]), int(manifest["candidates"])
-        with np.load(find_file(root, "users.npz")) as z:
-            self.user_ids = np.asarray(z["user_ids"], np.int64)
-        self.user_tower = session(find_file(root, "user_tower.onnx"), threads)
-        faiss.omp_set_num_threads(1)
-        index_file = find_file(root, "index.faiss")
-        self.index = faiss.read_index(str(index_file))
-        meta_file = index_file.with_name("index.json")
-        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-        if (meta.get("spec") or {}).get("nprobe"):
-            faiss.extract_index_ivf(self.index).nprobe = int(meta["spec"]["nprobe"])
-        with np.load(index_file.with_name("seen.npz")) as z:
-            self.seen = Seen(z["indptr"], z["items"])
+        step = find_file(root, "index.faiss").parent
+        # the served step's numpy code over its files: user tower graph, FAISS, the candidate sources and rule
+        self.retriever = Retriever(step, {"k_max": str(self.k_max), "omp_threads": "1",
+                                          "intra_op_threads": str(threads), "device": "cpu"})
+        self.user_ids = np.asarray(self.retriever.user_ids, np.int64)
         self.ranker = session(root / "ranker" / "1" / "model.onnx", threads)
         # a graph input of rank 1 takes the [B] column of a [B, 1] row (as Triton's reshape does)
         self.ranker_ranks = {i.name: len(i.shape) for i in self.ranker.get_inputs()}
@@ -166,14 +158,12 @@ class Recommender:
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Checked inputs -> (item_ids, scores), [rows, n] with n the most items any row holds (-1 pads)."""
-        idx = self.lookup(inputs["user_id"].reshape(-1))
-        (vec,) = self.user_tower.run(["user_vec"], {"user_idx": idx.reshape(-1, 1)})
-        # the candidate rule: search K + (most items a user of the batch has seen), keep the first K unseen
-        _, found = self.index.search(np.ascontiguousarray(vec, dtype=np.float32),
-                                     fetch_size(idx, self.seen, self.candidates, self.index.ntotal))
-        cand = unseen_candidates(found, idx, self.seen, self.candidates)
-        feed = {"user_idx": idx.reshape(-1, 1), "user_vec": vec, "context_hour": inputs["hour"],
-                "context_weekday": inputs["weekday"], "cand_idx": cand, "k": inputs["k"].astype(np.int32)}
+        idx = self.lookup(inputs["user_id"].reshape(-1)).reshape(-1, 1)
+        vec = self.retriever.user_vectors(idx)
+        cand, src = self.retriever.candidates(idx, vec)
+        feed = {"user_idx": idx, "user_vec": vec, "context_hour": inputs["hour"],
+                "context_weekday": inputs["weekday"], "cand_idx": cand, "cand_src": src,
+                "k": inputs["k"].astype(np.int32)}
         feed = {n: (v.reshape(-1) if self.ranker_ranks.get(n) == 1 else v) for n, v in feed.items()}
         item_ids, scores = self.ranker.run(["item_ids", "scores"], feed)
         width = int((item_ids >= 0).sum(axis=1).max()) if len(item_ids) else 0

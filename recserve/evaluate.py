@@ -137,13 +137,13 @@ class Evaluator:
         return np.concatenate(tops)
 
 
-def sources_for(artifacts: Path, target: int, ds: Dataset | None = None):
+def sources_for(artifacts: Path, target: int):
     """(Blend, ViewSources) that predict `target` (VALID: fitted on train; TEST: train + valid) from `recserve
     train`'s artifacts."""
     from recserve.sources import load_blend, load_view
 
     view = {VALID: "valid", TEST: "test"}.get(target, "serve")
-    return load_blend(artifacts), load_view(artifacts, view, ds)
+    return load_blend(artifacts), load_view(artifacts, view)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -157,7 +157,7 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     two_tower, _ = checkpoint.load(artifacts / "two_tower.pt", ds.fingerprint)
     ranker, _ = checkpoint.load(artifacts / "ranker.pt", ds.fingerprint)
     mf, _ = checkpoint.load(artifacts / "mf.pt", ds.fingerprint)
-    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST, ds))
+    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST))
     models = {
         "popularity": ev.popularity(np.bincount(ds.items[ds.mask(TRAIN, VALID)], minlength=ds.n_items)),
         "mf": ev.mf(mf),

@@ -111,39 +111,80 @@ def context_of(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Reference:
-    """Loads trained artifacts and answers `recommend` exactly as the served ensemble should."""
+    """Loads trained artifacts and answers `recommend` exactly as the served ensemble should.
+
+    The candidate rule is written here a second time, plainly (dense score rows, one user at a time), from the
+    fitted numbers in ARTIFACTS/sources.npz and blend.json; it does not call `recserve.sources` or
+    `recserve.ranking`, which it checks.
+    """
+
+    VIEW = {None: "serve", TEST: "test", VALID: "valid"}
 
     def __init__(self, artifacts: Path, target: int | None = None, candidates: int = 500):
         artifacts = Path(artifacts)
         self.ds = Dataset.load(artifacts / "dataset.npz")
         self.two_tower, _ = checkpoint.load(artifacts / "two_tower.pt", self.ds.fingerprint)
         self.ranker, _ = checkpoint.load(artifacts / "ranker.pt", self.ds.fingerprint)
-        self.tables = Tables(self.ds, known_splits(target), self.two_tower.cfg.history_len)
+        known = known_splits(target)
+        self.tables = Tables(self.ds, known, self.two_tower.cfg.history_len)
         self.item_vecs = item_vectors(self.two_tower, self.ds)
         self.candidates = min(candidates, self.ds.n_items)
         gate = artifacts / "ranker_gate.json"
         # the trained ranker only when `recserve train` shipped it; otherwise the retrieval order is served
         self.use_ranker = json.loads(gate.read_text())["shipped"] if gate.exists() else True
+        blend = json.loads((artifacts / "blend.json").read_text())
+        self.coef, rule = blend["coef"], blend["rule"]
+        self.quota = (int(self.candidates * rule["quota"]["neighbours"]),
+                      int(self.candidates * rule["quota"]["popularity"]))
+        v = self.VIEW.get(target, "serve")
+        with np.load(artifacts / "sources.npz") as z:
+            self.als_user, self.als_item, self.pop = z[f"{v}/als_user"], z[f"{v}/als_item"], z[f"{v}/pop"]
+            n = self.ds.n_items
+            self.nbr = np.zeros((n, n), np.float64)
+            indptr, indices, data = z[f"{v}/nbr_indptr"], z[f"{v}/nbr_indices"], z[f"{v}/nbr_data"]
+            for j in range(n):
+                self.nbr[j, indices[indptr[j]:indptr[j + 1]]] = data[indptr[j]:indptr[j + 1]]
+        self.recent = self.ds.last_history(*known, length=rule["recent"])
 
-    def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search by inner product over every item the user has not seen: (B, K) item indices, best
-        first (ties to the lower index), and which of them are real (False where fewer than K items are unseen)."""
-        scores = uv @ self.item_vecs.T
+    def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, K) candidate item indices, which are real (False where fewer than K items are unseen), and their
+        (B, K, 3) source scores: the neighbour and popularity quotas first, then the best of the vector blend,
+        each over the items the user has not seen, no item twice."""
+        c = self.coef
+        vec = (c["two_tower"] * (uv @ self.item_vecs.T) + c["als"] * (self.als_user[users] @ self.als_item.T)
+               + c["popularity"] * self.pop[None, :])
+        n = self.ds.n_items
+        cand = np.zeros((len(users), self.candidates), np.int64)
+        real = np.zeros(cand.shape, bool)
+        src = np.zeros((*cand.shape, N_SRC), np.float32)
         for r, u in enumerate(users):
-            scores[r, self.tables.seen_of(u)] = -np.inf
-        cand = np.argsort(-scores, axis=1, kind="stable")[:, :self.candidates]
-        return cand, np.isfinite(np.take_along_axis(scores, cand, 1))
+            nbr = self.nbr[[i for i in self.recent[u] if i < n]].sum(axis=0)
+            unseen = np.setdiff1d(np.arange(n), self.tables.seen_of(u))
+            by = lambda s: sorted(unseen.tolist(), key=lambda i: (-s[i], i))  # noqa: E731
+            picked: list[int] = []
+            for pool, quota in ((by(nbr)[:self.quota[0]], self.quota[0]), (by(self.pop)[:self.quota[1]], None),
+                                (by(vec), None)):
+                if quota is not None:     # the neighbour source offers items with a positive score only
+                    pool = [i for i in pool if nbr[i] > 0]
+                for i in pool:
+                    if len(picked) < self.candidates and i not in picked:
+                        picked.append(i)
+            cand[r, :len(picked)], real[r, :len(picked)] = picked, True
+            als = c["als"] * (self.als_user[u] @ self.als_item[picked].T)
+            src[r, :len(picked)] = np.stack([vec[r, picked] + c["neighbours"] * nbr[picked], als,
+                                             c["neighbours"] * nbr[picked]], axis=-1)
+        return cand, real, src
 
     def recommend(self, users: np.ndarray, hour: np.ndarray, weekday: np.ndarray, k: int
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per user, (item indices, ranker scores) of the best k of the K candidates, best first."""
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
-        cand, real = self.retrieve(users, uv)
+        cand, real, src = self.retrieve(users, uv)
         if self.use_ranker:
-            scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs))
+            scores = rank(self.ranker, ranker_batch(self.tables, f, uv, hour, weekday, cand, self.item_vecs, src))
         else:
-            scores = np.einsum("bd,bkd->bk", uv, self.item_vecs[cand])
+            scores = src[..., 0]
         out = []
         for r in range(len(users)):
             order = np.argsort(-np.where(real[r], scores[r], -np.inf), kind="stable")[:k]

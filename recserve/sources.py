@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
 from recserve.ranking import PAD_ID, Seen, candidates, merge_sources, top_positions, unseen_candidates
 
+TRAIN, VALID, TEST = 0, 1, 2     # as recserve.data.dataset (not imported: the served step stays pandas-free)
 VIEWS = {"valid": (TRAIN,), "test": (TRAIN, VALID), "serve": (TRAIN, VALID, TEST)}
 TERMS = ("two_tower", "als", "popularity", "neighbours")          # the blend's terms, in this order
 SRC_FEATURES = ("blend", "als", "neighbours")                    # the ranker's `cand_src` columns
@@ -178,7 +178,7 @@ def _top_per_row(m: np.ndarray | sp.spmatrix, n: int) -> sp.csr_matrix:
     return out
 
 
-def fit_view(ds: Dataset, view: str, params: dict, seed: int = 0) -> ViewSources:
+def fit_view(ds, view: str, params: dict, seed: int = 0) -> ViewSources:
     """ALS, the neighbour table and popularity on the view's interactions, with the tuned baseline settings.
 
     params: {"als": ALS kwargs, "ease": {"lam"} or None, "itemknn": ItemKNN kwargs} (from `baselines.tune`).
@@ -200,30 +200,38 @@ def fit_view(ds: Dataset, view: str, params: dict, seed: int = 0) -> ViewSources
 
 
 def save_sources(path: Path, views: dict[str, ViewSources]) -> None:
+    """Write views into one .npz, each array under "VIEW/name"."""
     arrays = {}
     for name, v in views.items():
         arrays.update({f"{name}/als_user": v.als_user, f"{name}/als_item": v.als_item, f"{name}/pop": v.pop,
                        f"{name}/nbr_indptr": v.nbr.indptr, f"{name}/nbr_indices": v.nbr.indices,
-                       f"{name}/nbr_data": v.nbr.data})
+                       f"{name}/nbr_data": v.nbr.data, f"{name}/recent": v.recent.astype(np.int32)})
     np.savez(path, **arrays)
 
 
-def load_view(artifacts: Path, view: str, ds: Dataset | None = None) -> ViewSources:
+def read_view(path: Path, view: str) -> ViewSources:
+    """One view of a file written by `save_sources`."""
+    from recserve.errors import ArtifactError
+
+    with np.load(path) as z:
+        if f"{view}/pop" not in z:
+            raise ArtifactError(f"{path} has no view {view!r}: rerun `recserve train`")
+        n = len(z[f"{view}/pop"])
+        nbr = sp.csr_matrix((z[f"{view}/nbr_data"], z[f"{view}/nbr_indices"], z[f"{view}/nbr_indptr"]), shape=(n, n))
+        return ViewSources(als_user=z[f"{view}/als_user"], als_item=z[f"{view}/als_item"], nbr=nbr,
+                           pop=z[f"{view}/pop"], recent=z[f"{view}/recent"].astype(np.int64))
+
+
+def load_view(artifacts: Path, view: str) -> ViewSources:
     """One view of ARTIFACTS/sources.npz (written by `recserve train`)."""
     from recserve.errors import ArtifactError
 
-    artifacts = Path(artifacts)
-    path = artifacts / "sources.npz"
+    path = Path(artifacts) / "sources.npz"
     if not path.exists():
         raise ArtifactError(f"{path} is missing: run `recserve train` (it fits the candidate sources)")
     if view not in VIEWS:
         raise ArtifactError(f"view {view!r} is not known: choose {', '.join(VIEWS)}")
-    ds = ds or Dataset.load(artifacts / "dataset.npz")
-    with np.load(path) as z:
-        n = ds.n_items
-        nbr = sp.csr_matrix((z[f"{view}/nbr_data"], z[f"{view}/nbr_indices"], z[f"{view}/nbr_indptr"]), shape=(n, n))
-        return ViewSources(als_user=z[f"{view}/als_user"], als_item=z[f"{view}/als_item"], nbr=nbr,
-                           pop=z[f"{view}/pop"], recent=ds.last_history(*VIEWS[view], length=RECENT))
+    return read_view(path, view)
 
 
 def load_blend(artifacts: Path) -> Blend:
@@ -275,7 +283,8 @@ def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
     _, w, valid = best
     coef = {t: float(w[t] / scale[t]) for t in TERMS}
     info = {"weights": w, "scale": scale, "coef": coef, "valid": valid, "tried": len(tried), "grid_size": len(grid),
-            "seconds": round(time.perf_counter() - t0, 2), "metric": "ndcg@10 on valid (full ranking)"}
+            "seconds": round(time.perf_counter() - t0, 2), "metric": "ndcg@10 on valid (full ranking)",
+            "rule": {"quota": QUOTA, "recent": RECENT, "neighbours": NEIGHBOURS}}
     return Blend(coef), info
 
 
@@ -292,4 +301,4 @@ def offline_candidates(blend: Blend, user_vec: np.ndarray, item_vec: np.ndarray,
 
 
 __all__ = ["Blend", "QUOTA", "SRC_FEATURES", "TERMS", "VIEWS", "ViewSources", "assemble", "fit_view",
-           "load_blend", "load_view", "offline_candidates", "save_sources", "source_features", "tune_blend"]
+           "load_blend", "load_view", "offline_candidates", "read_view", "save_sources", "source_features", "tune_blend"]

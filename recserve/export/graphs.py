@@ -5,7 +5,8 @@ ONNX-vs-PyTorch checks work on). The repository serves them wrapped, so that one
 step to gather features:
 
   user tower  user_idx [B, 1] -> Gather(user attributes), Gather(recent items) -> tower -> user_vec [B, D]
-  ranker      user_idx, user_vec, context_hour, context_weekday [B, 1|D], cand_idx [B, K], k [B, 1]
+  ranker      user_idx, user_vec, context_hour, context_weekday [B, 1|D], cand_idx [B, K], cand_src [B, K, S],
+              k [B, 1]
               -> Gather each candidate's features from the item tables -> ranker -> scores [B, K]
               -> padding (cand_idx < 0) to PAD_SCORE -> TopK(KMAX) -> raw item ids; ranks >= k become -1
 
@@ -24,6 +25,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from recserve.ranking import PAD_ID, PAD_SCORE
+from recserve.sources import SRC_FEATURES
+
+N_SRC = len(SRC_FEATURES)
 
 INNER = "inner/"   # prefix of the wrapped graph's own inputs and output
 
@@ -98,19 +102,17 @@ def user_graph(inner: onnx.ModelProto, t: ServingTables) -> onnx.ModelProto:
 
 
 def retrieval_order(opset: int = 18) -> onnx.ModelProto:
-    """A ranker graph that keeps the retrieval order: score = user_vec . cand_vec (the towers' own logit).
+    """A ranker graph that keeps the retrieval order: score = the blend score, column 0 of `cand_src`.
 
     Served instead of the trained ranker when that one did not beat its retrieval order on validation.
     """
     n = helper.make_node
     graph = helper.make_graph(
-        [n("Unsqueeze", ["user_vec", "one"], ["uv"]), n("Mul", ["uv", "cand_vec"], ["prod"]),
-         n("ReduceSum", ["prod", "last"], ["scores"], keepdims=0)],
+        [n("Gather", ["cand_src", "blend_column"], ["scores"], axis=2)],
         "retrieval_order",
-        [helper.make_tensor_value_info("user_vec", TensorProto.FLOAT, ["batch", "dim"]),
-         helper.make_tensor_value_info("cand_vec", TensorProto.FLOAT, ["batch", "candidates", "dim"])],
+        [helper.make_tensor_value_info("cand_src", TensorProto.FLOAT, ["batch", "candidates", "sources"])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"])],
-        [_tensor("one", np.array([1], np.int64)), _tensor("last", np.array([-1], np.int64))])
+        [_tensor("blend_column", np.array(0, np.int64))])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -123,6 +125,7 @@ def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_ma
         n("Reshape", ["context_hour", "flat"], [INNER + "hour"]),
         n("Reshape", ["context_weekday", "flat"], [INNER + "weekday"]),
         n("Identity", ["user_vec"], [INNER + "user_vec"]),
+        n("Identity", ["cand_src"], [INNER + "cand_src"]),
         n("Gather", ["user_cats_table", INNER + "user_idx"], [INNER + "user_cats"], axis=0),
         n("GreaterOrEqual", ["cand_idx", "zero"], ["cand_valid"]),
         n("Where", ["cand_valid", "cand_idx", "zero"], [INNER + "cand_idx"]),           # padding -> item 0
@@ -150,6 +153,7 @@ def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_ma
               helper.make_tensor_value_info("context_hour", i64, ["batch", 1]),
               helper.make_tensor_value_info("context_weekday", i64, ["batch", 1]),
               helper.make_tensor_value_info("cand_idx", i64, ["batch", candidates]),
+              helper.make_tensor_value_info("cand_src", f32, ["batch", candidates, N_SRC]),
               helper.make_tensor_value_info("k", TensorProto.INT32, ["batch", 1])]
     outputs = [helper.make_tensor_value_info("item_ids", i64, ["batch", k_max]),
                helper.make_tensor_value_info("scores", f32, ["batch", k_max])]

@@ -32,6 +32,7 @@ from recserve.export import graphs
 from recserve.export.index import IndexSpec, build_index, describe, recall_vs_exact
 from recserve.serving import spec
 from recserve.serving.steps.retrieval import sha256_of
+from recserve.sources import Blend, ViewSources, load_blend, load_view, save_sources
 
 README = Path(__file__).resolve().parents[2] / "model_repository" / "README.md"
 SHIMS = {"retrieval": "retrieval:TritonPythonModel",
@@ -72,7 +73,9 @@ class RepoOptions:
     def sizes(self, meta: dict) -> dict[str, int]:
         """The spec's dimension symbols for these options and artifacts."""
         k = min(self.candidates, meta["n_items"])
-        return {"D": meta["dim"], "K": k, "KMAX": min(self.k_max, k), "G": meta["n_genres"]}
+        from recserve.sources import SRC_FEATURES
+
+        return {"D": meta["dim"], "K": k, "KMAX": min(self.k_max, k), "G": meta["n_genres"], "S": len(SRC_FEATURES)}
 
 
 def render(config: dict) -> str:
@@ -194,8 +197,13 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         tower_dir = version_dir("item_tower")
         shutil.copy(files["item_tower"], tower_dir / "model.onnx")
         np.savez(retrieval / "seen.npz", indptr=tables.seen_indptr, items=tables.seen)
-        queries = _user_queries(retrieval / "user_tower.onnx", len(tables.user_ids))
-        index_info = _write_index(retrieval, tables, opts, queries)
+        view, blend = load_view(artifacts, opts.view), load_blend(artifacts)
+        save_sources(retrieval / "sources.npz", {"view": view})
+        shutil.copy(artifacts / "blend.json", retrieval / "blend.json")
+        items = Blend.item_matrix(tables.item_vec, view)
+        np.save(retrieval / "blend_items.npy", items)
+        queries = _user_queries(retrieval / "user_tower.onnx", blend, view)
+        index_info = _write_index(retrieval, items, opts, queries)
         np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
         squeeze = {"item_tower": ("item_idx", "item_year")}
         for s in spec.STEPS:
@@ -241,23 +249,25 @@ def _write_config(root: Path, name: str, config: dict, shim: str | None) -> None
             f"from recserve.serving.steps.{module} import {cls} as TritonPythonModel  # noqa: F401\n")
 
 
-def _user_queries(user_graph: Path, n_users: int, limit: int = 2000) -> np.ndarray:
-    """Real user vectors, through the served user graph, to measure the index's recall with."""
+def _user_queries(user_graph: Path, blend: Blend, view: ViewSources, limit: int = 2000) -> np.ndarray:
+    """Real users' blend vectors, through the served user graph, to measure the index's recall with."""
     from recserve.serving.steps.base import ort_session
 
-    users = np.random.default_rng(0).permutation(n_users)[:limit].reshape(-1, 1)
-    return ort_session(user_graph, 0).run(["user_vec"], {"user_idx": users})[0]
+    users = np.random.default_rng(0).permutation(len(view.als_user))[:limit]
+    user_vec = ort_session(user_graph, 0).run(["user_vec"], {"user_idx": users.reshape(-1, 1)})[0]
+    return blend.query(user_vec, view.als_user[users])
 
 
-def _write_index(dest: Path, tables: graphs.ServingTables, opts: RepoOptions, queries: np.ndarray) -> dict:
+def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray) -> dict:
+    """The inner-product index over the items' blend vectors (`recserve.sources.Blend.item_matrix`)."""
     import faiss
 
-    index, resolved = build_index(tables.item_vec, opts.index)
+    index, resolved = build_index(items, opts.index)
     faiss.write_index(index, str(dest / "index.faiss"))
-    recall = recall_vs_exact(index, tables.item_vec, queries, opts.recall_k)
-    info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(tables.item_vec.shape[1]),
+    recall = recall_vs_exact(index, items, queries, opts.recall_k)
+    info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(items.shape[1]),
             "metric": "inner_product", "candidates": opts.candidates,
-            "recall_k": min(opts.recall_k, len(tables.item_vec)), "recall_vs_exact": round(recall, 5),
+            "recall_k": min(opts.recall_k, len(items)), "recall_vs_exact": round(recall, 5),
             "queries": int(len(queries)),
             "item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),
             "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"}
@@ -302,6 +312,7 @@ def _engine_feed(sizes: dict[str, int], t: graphs.ServingTables, users: int = 8)
     col = lambda a, dtype=np.int64: np.asarray(a, dtype).reshape(-1, 1)  # noqa: E731
     return {"user_idx": col(u), "user_vec": vec.astype(np.float32), "context_hour": col(rng.integers(0, 24, len(u))),
             "context_weekday": col(rng.integers(0, 7, len(u))), "cand_idx": cand,
+            "cand_src": rng.standard_normal((*cand.shape, sizes["S"])).astype(np.float32),
             "k": col(np.full(len(u), sizes["KMAX"]), np.int32)}
 
 

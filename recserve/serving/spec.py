@@ -7,7 +7,8 @@ client tests, and the table in `model_repository/README.md` (`python -m recserve
 A request crosses two models (the `recommend` ensemble):
 
     user_id, k, [hour, weekday] ─► retrieval (python: validate; raw id -> index; user tower graph -> user_vec;
-                                              FAISS + the candidate rule of recserve.ranking -> K unseen cand_idx)
+                                              blend vector -> FAISS; item-to-item neighbours; popular; merged by
+                                              the candidate rule -> K unseen cand_idx and their cand_src scores)
                                 ─► ranker    (graph: gather features, score, mask padding, TopK, raw ids)
                                              ─► item_ids, scores
 
@@ -18,7 +19,7 @@ inside `retrieval` rather than as a step of its own (measured: README "Serving")
 Wiring is by name: a step's input comes from the ensemble input or the earlier step output of the same
 name, so names are unique across the path. Dims are per request row (Triton adds the batch dimension);
 symbols are filled in by `resolve`: D (embedding size), K (candidates per user), KMAX (most items per
-response).
+response), S (source scores per candidate, recserve.sources.SRC_FEATURES), G (genres).
 """
 
 from __future__ import annotations
@@ -96,21 +97,26 @@ STEPS = (
                   Tensor("user_vec", "FP32", ("D",), doc="unit length"),
                   Tensor("context_hour", "INT64", (1,), doc="the request's hour, or now"),
                   Tensor("context_weekday", "INT64", (1,), doc="the request's weekday, or today"),
-                  Tensor("cand_idx", "INT64", ("K",), doc="K unseen item indices, best first; -1 pads")),
-         files=("user_tower.onnx", "users.npz", "index.faiss", "index.json", "seen.npz"),
+                  Tensor("cand_idx", "INT64", ("K",), doc="K distinct unseen item indices; -1 pads"),
+                  Tensor("cand_src", "FP32", ("K", "S"), doc="per candidate: blend score, ALS term, neighbour term")),
+         files=("user_tower.onnx", "users.npz", "index.faiss", "index.json", "seen.npz", "sources.npz",
+                "blend.json", "blend_items.npy"),
          params=("k_max", "intra_op_threads", "omp_threads", "nprobe"),
          doc="validates the request (unknown user, k, hour, weekday: INVALID_ARG naming the value); maps the raw "
              "id to its index; runs the user tower graph, which gathers the user's attributes and recent items from "
-             "its own tables; searches FAISS for K + |seen| items and keeps the first K the user has not seen "
-             "(the candidate rule of recserve/ranking.py)"),
+             "its own tables; searches FAISS with the user's blend vector (towers, ALS, popularity) for K + |seen| "
+             "items, adds the item-to-item neighbours of the user's recent items and the popular items, and keeps K "
+             "distinct unseen ones with their source scores (the candidate rule of recserve/sources.py)"),
     Step("ranker", "onnx", "candidate",
          inputs=(Tensor("user_idx", "INT64", (1,)), Tensor("user_vec", "FP32", ("D",)),
                  Tensor("context_hour", "INT64", (1,)), Tensor("context_weekday", "INT64", (1,)),
-                 Tensor("cand_idx", "INT64", ("K",)), Tensor("k", "INT32", (1,))),
+                 Tensor("cand_idx", "INT64", ("K",)), Tensor("cand_src", "FP32", ("K", "S")),
+                 Tensor("k", "INT32", (1,))),
          outputs=RESPONSE,
          files=("model.onnx",), params=("intra_op_threads",),
-         doc="one graph: gathers each candidate's features from its tables, scores them, masks padding, "
-             "keeps the best KMAX with ONNX TopK and maps them to raw ids; items past k are -1"),
+         doc="one graph: gathers each candidate's features from its tables, scores them (or, when the ranker did "
+             "not beat the retrieval order on validation, takes the blend score), masks padding, keeps the best "
+             "KMAX with ONNX TopK and maps them to raw ids; items past k are -1"),
     Step("item_tower", "onnx", "user",
          inputs=(Tensor("item_idx", "INT64", (1,)), Tensor("item_genres", "FP32", ("G",)),
                  Tensor("item_year", "INT64", (1,))),
@@ -163,7 +169,7 @@ def wiring() -> list[tuple[Step, dict[str, str]]]:
 
 
 def resolve(dims: tuple[int | str, ...], sizes: dict[str, int]) -> list[int]:
-    """Symbols (D, K, KMAX, G) -> numbers."""
+    """Symbols (D, K, KMAX, G, S) -> numbers."""
     return [int(sizes[d]) if isinstance(d, str) else int(d) for d in dims]
 
 

@@ -43,7 +43,7 @@ from recserve.serving.repository import RepoOptions, ensemble_config, model_conf
 
 PROTOCOLS = ("grpc", "http")
 MODES = ("ensemble", "pipeline")
-SIZES = {"D": 4, "K": 5, "KMAX": 5, "G": 2}
+SIZES = {"D": 4, "K": 5, "KMAX": 5, "G": 2, "S": 3}
 K, KMAX = SIZES["K"], SIZES["KMAX"]
 OPTS = RepoOptions(flavor="embedded", candidates=K, k_max=KMAX)
 
@@ -54,7 +54,7 @@ TABLES_PY = textwrap.dedent(
 
     from recserve.ranking import PAD_ID, PAD_SCORE
 
-    D, K, KMAX, G = 4, 5, 5, 2
+    D, K, KMAX, G, S = 4, 5, 5, 2, 3
     USER_IDS = np.array([11, 12, 13], dtype=np.int64)                             # raw ids, sorted
     ITEM_IDS = np.arange(100, 110, dtype=np.int64)                                # raw ids, sorted
     TITLES = [f"item-{i}" for i in ITEM_IDS]
@@ -86,11 +86,19 @@ TABLES_PY = textwrap.dedent(
         return np.array(rows, dtype=np.int64)
 
 
-    def rank(user_idx, vec, hour, weekday, cand, k):
-        # (B,), (B, D), (B,), (B,), (B, K), (B,) -> raw ids (B, KMAX) best first, -1 past k; their scores
+    def source_scores(cand):
+        # (B, K) -> (B, K, S): what retrieval hands the ranker per candidate (0 for padding)
+        real = (cand >= 0)[..., None]
+        pop = ITEM_POP[np.where(cand >= 0, cand, 0)][..., None]
+        return np.where(real, np.concatenate([pop, 2 * pop, -pop], axis=-1), 0.0).astype(np.float32)
+
+
+    def rank(user_idx, vec, hour, weekday, cand, src, k):
+        # (B,), (B, D), (B,), (B,), (B, K), (B, K, S), (B,) -> raw ids (B, KMAX) best first, -1 past k; scores
         real = cand >= 0
         safe = np.where(real, cand, 0)
         score = np.einsum("bd,bkd->bk", vec, ITEM_VECS[safe]) + USER_BIAS[user_idx][:, None] * ITEM_POP[safe]
+        score = score + 0.5 * src[..., 0] - 0.25 * src[..., 2]
         score = score + (hour / 23.0)[:, None] * ITEM_GENRES[safe, 0] - (weekday / 6.0)[:, None] * ITEM_GENRES[safe, 1]
         score = np.where(real, score, PAD_SCORE).astype(np.float32)
         order = np.argsort(-score, axis=1, kind="stable")[:, :KMAX]
@@ -124,14 +132,15 @@ MODELS_PY = {
                 raise RequestError(f"unknown user_id {int(unknown[0])}: not among the {len(USER_IDS)} users")
             idx = np.searchsorted(USER_IDS, ids).astype(np.int64)
             vec = user_vec(idx)
+            cand = candidates(idx, vec)
             return {"user_idx": idx[:, None], "user_vec": vec, "context_hour": hour.reshape(-1, 1),
-                    "context_weekday": weekday.reshape(-1, 1), "cand_idx": candidates(idx, vec)}
+                    "context_weekday": weekday.reshape(-1, 1), "cand_idx": cand, "cand_src": source_scores(cand)}
         """,
     "ranker": """
         def run(inputs, params):
             col = lambda name: inputs[name].reshape(-1)  # noqa: E731
             ids, scores = rank(col("user_idx"), inputs["user_vec"], col("context_hour"), col("context_weekday"),
-                               inputs["cand_idx"], col("k"))
+                               inputs["cand_idx"], inputs["cand_src"], col("k"))
             return {"item_ids": ids, "scores": scores}
         """,
     "item_tower": """
@@ -212,7 +221,9 @@ def expected(user_id: int, k: int, hour: int, weekday: int) -> tuple[list[int], 
     t = tables()
     idx = np.searchsorted(t["USER_IDS"], [user_id]).astype(np.int64)
     vec = t["user_vec"](idx)
-    ids, scores = t["rank"](idx, vec, np.array([hour]), np.array([weekday]), t["candidates"](idx, vec), np.array([k]))
+    cand = t["candidates"](idx, vec)
+    ids, scores = t["rank"](idx, vec, np.array([hour]), np.array([weekday]), cand, t["source_scores"](cand),
+                            np.array([k]))
     real = ids[0] >= 0
     return ids[0][real].tolist(), scores[0][real].tolist()
 

@@ -1,12 +1,14 @@
-"""The request's first step: validate it, user vector, FAISS, and the candidate rule.
+"""The request's first step: validate it, user vector, the candidate sources, and the candidate rule.
 
 1. Validate: unknown user, k outside 1..KMAX, hour / weekday out of range get INVALID_ARG naming the value;
    absent `hour` / `weekday` become the current UTC time (Monday = 0), so `curl` users can send a user id and k.
 2. Raw user id -> dense index; the user tower graph (`user_tower.onnx`) gathers the user's attributes and
    recent items from its own tables and returns the user vector.
-3. One FAISS search per formed batch, of K + (most items any user in the batch has seen) results, then the
-   first K each user has not seen (`recserve.ranking.fetch_size` / `unseen_candidates`, the rule training
-   and evaluation use too).
+3. One FAISS search per formed batch with the users' blend vectors (towers, ALS, popularity: `recserve.sources`),
+   of K + (most items any user in the batch has seen) results, keeping the first K each user has not seen
+   (`recserve.ranking.fetch_size` / `unseen_candidates`); then the item-to-item neighbours of the user's recent
+   items and the popular items take their quotas and the search fills the rest (`recserve.sources.assemble`,
+   the rule training and evaluation use too), and each candidate gets its source scores (`cand_src`).
 Refuses to load when the index was built from a different item tower than the one in the repository.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from recserve.ranking import Seen, fetch_size, unseen_candidates
 from recserve.serving import spec
+from recserve.sources import Blend, assemble, read_view, source_features
 from recserve.serving.steps.base import BatchedModel, RequestError, log, ort_session
 
 
@@ -109,22 +112,31 @@ class Retriever:
         self.k = int(self.meta["candidates"])
         self.k_max = int(params.get("k_max", self.k))
         self.user_tower = ort_session(version_dir / "user_tower.onnx", int(params.get("intra_op_threads", "1")))
+        self.sources = read_view(version_dir / "sources.npz", "view")
+        self.blend = Blend(json.loads((version_dir / "blend.json").read_text())["coef"])
+        self.items = np.load(version_dir / "blend_items.npy")
 
     def user_vectors(self, user_idx: np.ndarray) -> np.ndarray:
         return self.user_tower.run(["user_vec"], {"user_idx": user_idx.reshape(-1, 1)})[0]
 
-    def candidates(self, user_idx: np.ndarray, user_vec: np.ndarray) -> np.ndarray:
+    def candidates(self, user_idx: np.ndarray, user_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cand_idx (B, K), cand_src (B, K, S)) by the candidate rule over all sources."""
         users = user_idx.reshape(-1)
-        _, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32),
-                                   fetch_size(users, self.seen, self.k, self.index.ntotal))
-        return unseen_candidates(ids, users, self.seen, self.k)
+        als_user = self.sources.als_user[users]
+        query = self.blend.query(user_vec, als_user)
+        _, ids = self.index.search(query, fetch_size(users, self.seen, self.k, self.index.ntotal))
+        nbr_rows = self.sources.neighbour_rows(users)
+        cand = assemble(unseen_candidates(ids, users, self.seen, self.k), nbr_rows, users, self.seen,
+                        self.sources, self.k)
+        return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Request rows checked by `check_request` (which adds `user_idx`) -> the ranker's inputs."""
         idx = inputs["user_idx"]
         vec = self.user_vectors(idx)
+        cand, src = self.candidates(idx, vec)
         return {"user_idx": idx, "user_vec": vec, "context_hour": inputs["hour"].reshape(-1, 1),
-                "context_weekday": inputs["weekday"].reshape(-1, 1), "cand_idx": self.candidates(idx, vec)}
+                "context_weekday": inputs["weekday"].reshape(-1, 1), "cand_idx": cand, "cand_src": src}
 
 
 class TritonPythonModel(BatchedModel):
