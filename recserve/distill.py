@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from recserve import checkpoint
-from recserve.data.dataset import TEST, Dataset
+from recserve.data.dataset import TEST, VALID, Dataset
 from recserve.errors import ArtifactError, RecserveError
-from recserve.evaluate import Evaluator
+from recserve.evaluate import Evaluator, sources_for
 from recserve.export.onnx import export_model, random_inputs
 from recserve.models import Ranker, RankerConfig, TwoTower
 from recserve.ranking import candidates as candidate_rule
 from recserve.reference import RANKER_INPUTS, item_vectors, ranker_batch, user_vectors
-from recserve.train import EarlyStopping, TrainConfig, _epochs, _log, ranker_examples, train_ranker
+from recserve.train import EarlyStopping, TrainConfig, _epochs, _log, blend_scale, ranker_examples, train_ranker
 
 TEACHER = {"emb_dim": 32, "cross_layers": 3, "hidden": [512, 256, 128], "dropout": 0.2}
 STUDENT = {"emb_dim": 8, "cross_layers": 1, "hidden": [32], "dropout": 0.1}
@@ -292,19 +293,22 @@ def distill(artifacts: Path, cfg: TrainConfig | None = None, teacher_cfg: dict |
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_cfg = ranker_config(ds, two_tower, TEACHER, teacher_cfg, "teacher")
-    s_cfg = ranker_config(ds, two_tower, STUDENT, student_cfg, "student")
+    # the served candidate rule: both rankers re-rank the merged sources' candidates and see their scores
+    examples = ranker_examples(ds, two_tower, cfg, sources_for(artifacts, VALID))
+    scale = blend_scale(examples)
+    t_cfg = replace(ranker_config(ds, two_tower, TEACHER, teacher_cfg, "teacher"), blend_scale=scale)
+    s_cfg = replace(ranker_config(ds, two_tower, STUDENT, student_cfg, "student"), blend_scale=scale)
     extra = {"train_config": dataclasses.asdict(cfg)}
 
     t = time.time()
     _log(f"teacher: {_arch(t_cfg)}")
-    teacher = train_ranker(ds, two_tower, cfg, progress, ranker_cfg=t_cfg).eval()
+    teacher = train_ranker(ds, two_tower, cfg, progress, ranker_cfg=t_cfg, examples=examples).eval()
     teacher_seconds = time.time() - t
     checkpoint.save(teacher, "ranker", artifacts / FILES["teacher"], ds.fingerprint, **extra,
                     distill={"role": "teacher"})
 
     t = time.time()
-    data = {k: torch.as_tensor(v) for k, v in ranker_examples(ds, two_tower, cfg).items()}
+    data = {k: torch.as_tensor(v) for k, v in examples.items()}
     all_rows = torch.arange(len(data["user_idx"]))
     teacher_scores = _scores(teacher, data, all_rows)                               # (N, 1 + negatives)
     _log(f"student: {_arch(s_cfg)}, alpha {alpha}, temperature {temperature}")
@@ -316,7 +320,7 @@ def distill(artifacts: Path, cfg: TrainConfig | None = None, teacher_cfg: dict |
     _, held = held_out_split(data["user_idx"].numpy(), np.random.default_rng(cfg.seed + 2))
     teacher_held_ce = _ce(teacher_scores[torch.as_tensor(held)])
 
-    ev = Evaluator(ds, TEST, two_tower.cfg.history_len)
+    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST))
     models = {
         "teacher": {"file": FILES["teacher"], "params": n_params(teacher), "held_out_ce": round(teacher_held_ce, 5),
                     "train_seconds": round(teacher_seconds, 1), "test": ev.two_tower_ranker(two_tower, teacher)},

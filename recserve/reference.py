@@ -163,7 +163,7 @@ class Reference:
             by = lambda s: sorted(unseen.tolist(), key=lambda i: (-s[i], i))  # noqa: E731
             picked: list[int] = []
             for pool, quota in ((by(nbr)[:self.quota[0]], self.quota[0]), (by(self.pop)[:self.quota[1]], None),
-                                (by(vec), None)):
+                                (by(vec[r]), None)):
                 if quota is not None:     # the neighbour source offers items with a positive score only
                     pool = [i for i in pool if nbr[i] > 0]
                 for i in pool:

@@ -39,9 +39,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from recserve.data.dataset import TEST, TRAIN, Dataset
 from recserve.errors import ArtifactError, GateError
-from recserve.evaluate import RERANK_CANDIDATES, Evaluator
+from recserve.evaluate import RERANK_CANDIDATES, Evaluator, sources_for
 from recserve.ranking import Seen, candidates, overlap_at_k
-from recserve.reference import Tables, context_of, item_vectors, ranker_batch, user_vectors
+from recserve.reference import N_SRC, Tables, context_of, item_vectors, ranker_batch, user_vectors
 
 MODELS = ("user_tower", "item_tower", "ranker")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
@@ -152,12 +152,23 @@ def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candi
     u = np.sort(rng.choice(train_users, n_u, replace=False))
     f = tables.users(u)
     uv = run(ut, {"user_idx": f.user_idx, "user_cats": f.user_cats, "history": f.history})
-    cand = np.maximum(candidates(uv @ iv.T, u, Seen(tables.seen_indptr, tables.seen), min(candidates_k, ds.n_items)), 0)
+    seen = Seen(tables.seen_indptr, tables.seen)
+    k = min(candidates_k, ds.n_items)
+    artifacts = Path(onnx_dir).parent
+    if (artifacts / "sources.npz").exists():      # the served candidate rule and its source scores
+        from recserve.sources import load_blend, load_view, offline_candidates
+
+        cand, src = offline_candidates(load_blend(artifacts), uv, iv, load_view(artifacts, "valid"), u, seen, k)
+    else:
+        cand = candidates(uv @ iv.T, u, seen, k)
+        src = np.zeros((*cand.shape, N_SRC), np.float32)
     per = min(cand.shape[1], math.ceil(rows / n_u))
-    cand = np.stack([rng.choice(c, per, replace=False) for c in cand])                     # (n_u, per)
+    pick_cols = np.stack([rng.choice(cand.shape[1], per, replace=False) for _ in cand])      # (n_u, per)
+    cand = np.maximum(np.take_along_axis(cand, pick_cols, 1), 0)
+    src = np.take_along_axis(src, pick_cols[..., None], 1)
     last = np.searchsorted(ds.users[train], u, side="right") - 1                           # rows sorted by user
     hour, weekday = context_of(ds.timestamps[train][last])
-    ranker = ranker_batch(tables, f, uv, hour, weekday, cand, iv)
+    ranker = ranker_batch(tables, f, uv, hour, weekday, cand, iv, src)
     return {"user_tower": _split(users, 256), "item_tower": _split(items, 256),
             "ranker": _split(ranker, max(1, 256 // per))}
 
@@ -203,7 +214,8 @@ def smooth(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], alpha: 
     groups: dict[str, list[tuple[int, int]]] = {}          # activation -> [(node index, W's input-channel axis)]
     for i, node in enumerate(g.nodes):
         wanted = node.name in only if only is not None else node.op_type in QUANTIZED_OP_TYPES
-        if wanted and len(node.input) > 1 and node.input[0] not in g.inits and g.private_const(node.input[1]):
+        if (wanted and len(node.input) > 1 and node.input[0] not in g.inits and g.private_const(node.input[1])
+                and g.array(node.input[1]).ndim == 2):           # a vector weight (x @ w) has no channels to equalise
             attrs = {a.name: a.i for a in node.attribute}
             if not attrs.get("transA", 0):
                 groups.setdefault(node.input[0], []).append((i, int(node.op_type == "Gemm" and attrs.get("transB", 0))))
@@ -437,7 +449,7 @@ def _rel(new: float, old: float) -> float:
 def int8_gate(artifacts: Path, max_rel_change: float = MAX_REL_CHANGE, min_overlap: float = MIN_OVERLAP) -> dict:
     """FP32 vs INT8 ONNX models on the test split; records the figures, raises GateError when one is out of bounds.
 
-    Figures: ndcg@10 and recall@50 of two_tower+ranker (relative change |int8 - fp32| / fp32 <= max_rel_change)
+    Figures: ndcg@10 and recall@50 of blend+ranker, the served candidate rule and ranker (relative change |int8 - fp32| / fp32 <= max_rel_change)
     and the top-100 overlap of exact retrieval by INT8 vs FP32 towers (>= min_overlap).
     """
     artifacts = Path(artifacts)
@@ -448,7 +460,8 @@ def int8_gate(artifacts: Path, max_rel_change: float = MAX_REL_CHANGE, min_overl
     ds = Dataset.load(artifacts / "dataset.npz")
     fp32_towers, fp32_ranker = ort_models(onnx_dir)
     int8_towers, int8_ranker = ort_models(onnx_dir, ".int8")
-    ev = Evaluator(ds, TEST, fp32_towers.cfg.history_len)
+    sources = sources_for(artifacts, TEST) if (artifacts / "sources.npz").exists() else None
+    ev = Evaluator(ds, TEST, fp32_towers.cfg.history_len, sources=sources)
     fp32 = ev.two_tower_ranker(fp32_towers, fp32_ranker)
     int8 = ev.two_tower_ranker(int8_towers, int8_ranker)
     rel = {m: round(_rel(int8[m], fp32[m]), 6) for m in ("ndcg@10", "recall@50")}
@@ -460,7 +473,7 @@ def int8_gate(artifacts: Path, max_rel_change: float = MAX_REL_CHANGE, min_overl
     figures = {
         "split": "test", "users": int(len(ev.users)), "rerank_candidates": RERANK_CANDIDATES,
         "runtime": f"onnxruntime {ort.__version__} CPU, FP32 vs INT8 ONNX models",
-        "two_tower+ranker": {"fp32": fp32, "int8": int8}, "rel_change": rel, f"top{OVERLAP_K}_overlap": overlap,
+        "blend+ranker": {"fp32": fp32, "int8": int8}, "rel_change": rel, f"top{OVERLAP_K}_overlap": overlap,
         "limits": {"max_abs_rel_change": max_rel_change, f"min_top{OVERLAP_K}_overlap": min_overlap},
         "passed": not failed, "failed": failed,
     }

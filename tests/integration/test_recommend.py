@@ -213,7 +213,7 @@ def test_the_readme_tritonclient_example_runs_against_the_server(served, capsys)
 
 def test_the_served_path_scores_what_evaluate_reports_on_the_test_split(artifacts, tmp_path):
     """Served = evaluated: the exported graphs and FAISS index, fed the test-time view of the data, give
-    evaluate's two_tower+ranker ndcg@10 and recall@50 (metrics.json) within 1e-3."""
+    evaluate's served row's ndcg@10 and recall@50 (metrics.json) within 1e-3."""
     import json
 
     from recserve.data.dataset import TEST, Dataset
@@ -228,7 +228,7 @@ def test_the_served_path_scores_what_evaluate_reports_on_the_test_split(artifact
     raw = pipeline.recommend(ds.user_ids[ev.users], 50, ev.hour, ev.weekday)
     served = ranking_metrics(np.where(raw >= 0, np.searchsorted(ds.item_ids, raw), -1), ev.truth, ds.n_items)
     metrics = json.loads((artifacts / "metrics.json").read_text())
-    offline = metrics["models"][metrics["served"]]        # two_tower+ranker, or two_tower when it did not ship
+    offline = metrics["models"][metrics["served"]]        # blend+ranker, or blend when the ranker did not ship
     for metric in ("ndcg@10", "recall@50"):
         assert served[metric] == pytest.approx(offline[metric], abs=1e-3), metric
     assert (raw >= 0).sum(axis=1).min() == min(50, ds.n_items - np.diff(ev.seen.indptr).max())

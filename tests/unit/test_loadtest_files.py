@@ -524,6 +524,7 @@ def _fake_repository(root: Path) -> dict[str, np.ndarray]:
          helper.make_node("Where", ["keep", "top", "low"], ["scores"])], "ranker",
         [i64("user_idx", ["B", 1]), helper.make_tensor_value_info("user_vec", TensorProto.FLOAT, ["B", DIM]),
          i64("context_hour", ["B", 1]), i64("context_weekday", ["B", 1]), i64("cand_idx", ["B", K]),
+         helper.make_tensor_value_info("cand_src", TensorProto.FLOAT, ["B", K, 3]),
          helper.make_tensor_value_info("k", TensorProto.INT32, ["B", 1])],
         [i64("item_ids", ["B", KMAX]), helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", KMAX])],
         [const("items", item_table), const("raw", raw_items), const("zero", np.int64(0)),
@@ -531,8 +532,21 @@ def _fake_repository(root: Path) -> dict[str, np.ndarray]:
          const("kmax", np.array([KMAX], np.int64)), const("ranks", np.arange(KMAX, dtype=np.int64)[None]),
          const("minus_one", np.int64(-1))]), root / "ranker" / "1" / "model.onnx")
     retrieval = root / "retrieval" / "1"  # the served step that holds the user tower, users and the index
-    index = faiss.IndexFlatIP(DIM)
-    index.add(item_table)
+    # candidate sources that leave the towers' order alone: ALS and popularity weighted 0, no neighbours
+    import scipy.sparse as sp
+
+    from recserve.sources import Blend, ViewSources, save_sources
+
+    view = ViewSources(als_user=np.zeros((len(USERS), 1), np.float32), als_item=np.zeros((N_ITEMS, 1), np.float32),
+                       nbr=sp.csr_matrix((N_ITEMS, N_ITEMS), dtype=np.float32), pop=np.zeros(N_ITEMS, np.float32),
+                       recent=np.full((len(USERS), 2), N_ITEMS, np.int64))
+    save_sources(retrieval / "sources.npz", {"view": view})
+    coef = {"two_tower": 1.0, "als": 0.0, "popularity": 0.0, "neighbours": 0.0}
+    (retrieval / "blend.json").write_text(json.dumps({"coef": coef}))
+    blend_items = Blend.item_matrix(item_table, view)
+    np.save(retrieval / "blend_items.npy", blend_items)
+    index = faiss.IndexFlatIP(blend_items.shape[1])
+    index.add(blend_items)
     faiss.write_index(index, str(retrieval / "index.faiss"))
     (retrieval / "index.json").write_text(json.dumps({"spec": {"kind": "flat"}, "candidates": K}))
     np.savez(retrieval / "seen.npz", indptr=indptr, items=items)

@@ -48,7 +48,7 @@ def _ranker_inputs(b: int, k: int, seed: int = 0) -> list[torch.Tensor]:
             torch.randint(0, 24, (b,), generator=g), torch.randint(0, 7, (b,), generator=g),
             torch.randint(0, N_ITEMS, (b, k), generator=g), (torch.rand(b, k, G, generator=g) < 0.3).float(),
             torch.randint(0, 32, (b, k), generator=g), torch.rand(b, k, generator=g) * 5,
-            F.normalize(torch.randn(b, k, D, generator=g), dim=-1)]
+            F.normalize(torch.randn(b, k, D, generator=g), dim=-1), torch.randn(b, k, 3, generator=g)]
 
 
 USER_SIDE = 5  # the first five ranker inputs are per user (B, ...); the rest per candidate (B, K, ...)

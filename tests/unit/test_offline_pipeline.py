@@ -104,14 +104,16 @@ def test_checkpoints_are_self_describing(artifacts: Path, ds: Dataset, kind: str
 def test_metrics_json_shape(artifacts: Path, ds: Dataset, metrics: dict):
     on_disk = json.loads((artifacts / "metrics.json").read_text())
     assert on_disk == metrics
-    assert set(on_disk) == {"protocol", "models", "served", "ranker_gate"}
+    assert set(on_disk) == {"protocol", "models", "served", "ranker_gate", "blend"}
     gate = on_disk["ranker_gate"]
-    assert on_disk["served"] == ("two_tower+ranker" if gate["shipped"] else "two_tower")
+    assert on_disk["served"] == ("blend+ranker" if gate["shipped"] else "blend")
+    assert on_disk["blend"]["coef"] and set(on_disk["blend"]["weights"]) == {"two_tower", "als", "popularity",
+                                                                             "neighbours"}
     assert gate["shipped"] == (gate["ranker"] > gate["retrieval_order"])
     data = on_disk["protocol"]["data"]
     assert data["fingerprint"] == ds.fingerprint and data["users"] == ds.n_users and data["items"] == ds.n_items
     assert data["test_users"] == len(np.unique(ds.users[ds.split == TEST]))
-    assert list(on_disk["models"]) == list(MODELS) == ["popularity", "mf", "two_tower", "two_tower+ranker"]
+    assert list(on_disk["models"]) == list(MODELS) == ["popularity", "mf", "two_tower", "blend", "blend+ranker"]
     for name, values in on_disk["models"].items():
         assert list(values) == list(METRICS), name
         assert all(0.0 <= v <= 1.0 for v in values.values()), (name, values)

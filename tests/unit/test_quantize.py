@@ -94,11 +94,11 @@ def test_gate_figures_are_recorded_in_metrics_json_and_int8_json(artifacts):
     assert all(abs(v) <= q.MAX_REL_CHANGE for v in gate["rel_change"].values())
     assert q.MIN_OVERLAP <= gate["top100_overlap"] <= 1.0
     assert gate["limits"] == {"max_abs_rel_change": q.MAX_REL_CHANGE, "min_top100_overlap": q.MIN_OVERLAP}
-    fp32, int8 = gate["two_tower+ranker"]["fp32"], gate["two_tower+ranker"]["int8"]
+    fp32, int8 = gate["blend+ranker"]["fp32"], gate["blend+ranker"]["int8"]
     for m in ("ndcg@10", "recall@50"):
         assert gate["rel_change"][m] == pytest.approx((int8[m] - fp32[m]) / fp32[m], abs=1e-5)
     # the ONNX Runtime adapters reproduce the PyTorch evaluation of the same models
-    for m, v in metrics["models"]["two_tower+ranker"].items():
+    for m, v in metrics["models"]["blend+ranker"].items():
         assert fp32[m] == pytest.approx(v, abs=2e-3), m
     report = q.int8_report(artifacts)
     assert report["gate"] == gate and set(report["models"]) == set(q.MODELS)

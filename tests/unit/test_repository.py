@@ -13,7 +13,7 @@ from recserve.serving import spec
 from recserve.serving.steps.base import RequestError
 from recserve.serving.steps.retrieval import check_request, lookup_users
 
-SIZES = {"D": 8, "K": 7, "KMAX": 5, "G": 3}
+SIZES = {"D": 8, "K": 7, "KMAX": 5, "G": 3, "S": 3}
 
 
 @pytest.mark.parametrize("flavor", ["embedded", "native"])
@@ -37,7 +37,7 @@ def test_configs_carry_the_specs_tensors_with_symbols_resolved():
     ranker = repo.parse(repo.render(repo.model_config("ranker", SIZES, repo.RepoOptions())))
     dims = {t.name: list(t.dims) for t in ranker.input}
     assert dims == {"user_idx": [1], "user_vec": [8], "context_hour": [1], "context_weekday": [1], "cand_idx": [7],
-                    "k": [1]}
+                    "cand_src": [7, 3], "k": [1]}
     retrieval = repo.parse(repo.render(repo.model_config("retrieval", SIZES, repo.RepoOptions())))
     assert [t.name for t in retrieval.input if t.optional] == ["hour", "weekday"]
     assert retrieval.parameters["k_max"].string_value == "5"
