@@ -112,7 +112,7 @@ def retrieval_order(opset: int = 18) -> onnx.ModelProto:
         "retrieval_order",
         [helper.make_tensor_value_info("cand_src", TensorProto.FLOAT, ["batch", "candidates", "sources"])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"])],
-        [_tensor("blend_column", np.array(0, np.int64))])
+        [numpy_helper.from_array(np.array(0, np.int64), "blend_column")])   # a scalar index drops the axis
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
