@@ -84,17 +84,20 @@ def train(
     tower_epochs: int = typer.Option(30, help="Maximum two-tower epochs (early stopping on validation)."),
     mf_epochs: int = typer.Option(40, help="Maximum MF epochs (early stopping on validation)."),
     ranker_epochs: int = typer.Option(8, help="Maximum ranker epochs (early stopping on held-out users)."),
-    baselines_budget: float = typer.Option(60.0, help="Seconds to tune EASE, item-kNN, ALS on validation (0: skip)."),
+    budget_minutes: float = typer.Option(
+        1.5, "--budget-minutes", min=0.0,
+        help="Time for the searches on validation: the baselines' settings (which the ALS and neighbour sources "
+             "reuse; 3/4 of it) and the blend weights (1/4). 0: default settings, towers-only blend."),
     distill: bool = typer.Option(False, "--distill", help="Also train a large teacher and a distilled student ranker."),
     promote_student: bool = typer.Option(False, "--promote-student",
                                          help="With --distill: ship the student (ranker.pt) if it passes its gate."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
-    from recserve.train import TrainConfig, train_all
+    from recserve.train import TrainConfig, search_budget, train_all
 
     cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs,
-                      baselines_budget=baselines_budget)
+                      **search_budget(budget_minutes))
     train_all(load_data(data), out, cfg, progress=not quiet)
     if distill:
         from recserve.distill import distill as run_distill

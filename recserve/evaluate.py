@@ -19,7 +19,7 @@ from recserve.ranking import Seen, candidates, top_k
 from recserve.reference import Tables, context_of, item_vectors, known_splits, rank, ranker_batch, user_vectors
 
 KS = (10, 20, 50)
-METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "hr@10", "coverage@10")
+METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "hr@10", "coverage@10", "cold_recall@50")
 MODELS = ("popularity", "mf", "two_tower", "blend", "blend+ranker")
 SERVED = "blend+ranker"        # the row `export repository` serves (metrics.json "served") when the ranker ships
 RETRIEVAL_ORDER = "blend"      # ... and when it does not
@@ -34,12 +34,14 @@ TEST_TIME_DATA = {
 RERANK_CANDIDATES = 500   # K, as served (`export repository --candidates`)
 
 
-def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int) -> dict[str, float]:
+def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int, cold: np.ndarray | None = None
+                    ) -> dict[str, float | None]:
     """Metrics of ranked lists `top` (B, >=50) against each user's held-out items.
 
     recall@k = hits in the top k / number of held-out items; ndcg@10 with binary gains, ideal DCG over
     min(10, held-out); hr@10 = share of users with a hit in the top 10; coverage@10 = distinct items
-    recommended in anyone's top 10 / catalogue size.
+    recommended in anyone's top 10 / catalogue size; cold_recall@50 = of all held-out rows whose item is `cold`
+    (bool per item: no training interaction), the share found in the top 50 (None without such rows).
     """
     out = {f"recall@{k}": 0.0 for k in KS} | {"ndcg@10": 0.0, "hr@10": 0.0}
     discounts = 1.0 / np.log2(np.arange(2, 12))
@@ -54,7 +56,12 @@ def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int) -> d
     out = {k: v / n for k, v in out.items()}
     shown = top[:, :10]
     out["coverage@10"] = len(np.unique(shown[shown >= 0])) / n_items
-    return {m: round(float(out[m]), 5) for m in METRICS}
+    result: dict[str, float | None] = {m: round(float(out[m]), 5) for m in METRICS if m in out}
+    cold_rows = [(row, t[cold[t]]) for row, t in zip(top, truth)] if cold is not None else []
+    n_cold = sum(len(t) for _, t in cold_rows)
+    result["cold_recall@50"] = (round(sum(int(np.isin(t, row[:50]).sum()) for row, t in cold_rows) / n_cold, 5)
+                                if n_cold else None)
+    return result
 
 
 def heldout(ds: Dataset, target: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -78,6 +85,7 @@ class Evaluator:
         self.tables = Tables(ds, known_splits(target), history_len)
         self.users, self.truth, first_ts = heldout(ds, target)
         self.hour, self.weekday = context_of(first_ts)
+        self.cold = np.bincount(ds.items[ds.mask(TRAIN)], minlength=ds.n_items) == 0   # no training interaction
 
     def _metrics(self, scores_fn, batch: int = 1024) -> tuple[dict[str, float], np.ndarray]:
         tops = []
@@ -85,7 +93,7 @@ class Evaluator:
             u = self.users[s:s + batch]
             tops.append(candidates(scores_fn(u), u, self.seen, max(KS)))
         top = np.concatenate(tops)
-        return ranking_metrics(top, self.truth, self.ds.n_items), top
+        return ranking_metrics(top, self.truth, self.ds.n_items, self.cold), top
 
     @property
     def seen(self) -> Seen:
@@ -104,7 +112,8 @@ class Evaluator:
 
     def two_tower_ranker(self, two_tower, ranker, candidates: int = RERANK_CANDIDATES, batch: int = 256):
         """Retrieve `candidates` by the candidate rule, re-order them with the ranker (None: retrieval order)."""
-        return ranking_metrics(self.served_lists(two_tower, ranker, candidates, batch), self.truth, self.ds.n_items)
+        return ranking_metrics(self.served_lists(two_tower, ranker, candidates, batch), self.truth, self.ds.n_items,
+                               self.cold)
 
     def candidate_batches(self, two_tower, k: int = RERANK_CANDIDATES, batch: int = 256):
         """Per batch of users: (slice, features, user vectors, item vectors, cand (B, K), cand_src or None)."""
@@ -200,14 +209,18 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     return result
 
 
+COL = 15   # table column width: the longest metric name and a space
+
+
 def format_table(models: dict[str, dict[str, float]], test_time: dict[str, str] | None = None,
                  served: str | None = None) -> str:
     """The metrics table; with `test_time`, a last column says what each row knew at test time."""
     width = max(len(m) for m in models) + 4
-    lines = ["model".ljust(width) + "".join(m.rjust(12) for m in METRICS) + ("   test-time data" if test_time else "")]
+    lines = ["model".ljust(width) + "".join(m.rjust(COL) for m in METRICS) + ("   test-time data" if test_time else "")]
     for name, vals in models.items():
         label = f"{name} *" if name == served else name
-        lines.append(label.ljust(width) + "".join(f"{vals[m]:12.4f}" for m in METRICS)
+        lines.append(label.ljust(width) + "".join(f"{vals[m]:{COL}.4f}" if vals.get(m) is not None else "n/a".rjust(COL)
+                                                  for m in METRICS)
                      + (f"   {test_time.get(name, '')}" if test_time else ""))
     if served:
         lines.append("* served by `export repository`")

@@ -58,6 +58,12 @@ class TrainConfig:
     threads: int = 0             # 0: torch's default
 
 
+def search_budget(minutes: float) -> dict[str, float]:
+    """TrainConfig's search budgets from one number of minutes: 3/4 baselines (and so the sources' settings),
+    1/4 the blend weights."""
+    return {"baselines_budget": 45.0 * minutes, "blend_budget": 15.0 * minutes}
+
+
 def _log(msg: str) -> None:
     tqdm.write(msg)
 

@@ -40,8 +40,12 @@ def test_hand_computed_case():
         "hr@10": 2 / 3,
         # top-10s: A = {3, 100..108}, B = {100, 101, 8, 102..108}, C = {100..109}: 3, 8 and 100..109
         "coverage@10": 12 / N_ITEMS,
+        "cold_recall@50": None,         # no item was marked cold
     }
     assert got == pytest.approx(expected, abs=1e-5)
+    cold = np.zeros(N_ITEMS, bool)
+    cold[[9, 10, 99]] = True            # of three cold held-out rows, only item 9 (rank 41) is in a top 50
+    assert ranking_metrics(top, truth, N_ITEMS, cold)["cold_recall@50"] == pytest.approx(1 / 3, abs=1e-5)
 
 
 def test_ndcg_ideal_dcg_is_over_at_most_ten_items():
@@ -60,7 +64,7 @@ def test_ndcg_ideal_dcg_is_over_at_most_ten_items():
 def test_hits_below_rank_ten_count_for_recall_only():
     got = ranking_metrics(_row({10: 5, 49: 6})[None], [np.array([5, 6])], N_ITEMS)
     assert got == pytest.approx({"recall@10": 0.0, "recall@20": 0.5, "recall@50": 1.0, "ndcg@10": 0.0,
-                                 "hr@10": 0.0, "coverage@10": 10 / N_ITEMS}, abs=1e-5)
+                                 "hr@10": 0.0, "coverage@10": 10 / N_ITEMS, "cold_recall@50": None}, abs=1e-5)
 
 
 def test_coverage_counts_distinct_items_over_all_users():
@@ -75,7 +79,7 @@ def test_catalogue_smaller_than_ten_items():
     got = ranking_metrics(np.array([[3, 1, 0, 2, 4]]), [np.array([1, 4])], 5)
     ndcg = (1 / LOG2_3 + 1 / np.log2(6)) / (1 + 1 / LOG2_3)  # hits at ranks 2 and 5 of a 5-item list
     assert got == pytest.approx({"recall@10": 1.0, "recall@20": 1.0, "recall@50": 1.0, "ndcg@10": ndcg,
-                                 "hr@10": 1.0, "coverage@10": 1.0}, abs=1e-5)
+                                 "hr@10": 1.0, "coverage@10": 1.0, "cold_recall@50": None}, abs=1e-5)
 
 
 def _seen(lists: dict[int, list[int]], n_users: int) -> Seen:
