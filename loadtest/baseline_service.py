@@ -1,8 +1,9 @@
 """The plain alternative the Triton ensemble must beat: ONNX Runtime + FAISS in-process behind FastAPI.
 
-It serves the repository's own files (the `retrieval` step's graph, index and tables, `ranker/1/model.onnx`) at Triton's address for the ensemble,
-``POST /v2/models/recommend/infer``, with the same KServe v2 JSON in and out, so one load generator (wrk,
-`loadtest/wrk_recommend.lua`) drives both. Built as a competent engineer would for a 2-core box:
+It serves the repository's own files (the `retrieval` step's graph, index and tables, `ranker/1/model.onnx`)
+at Triton's address for the ensemble, ``POST /v2/models/recommend/infer``, with the same KServe v2 JSON in and
+out, so one load generator (wrk, `loadtest/wrk_recommend.lua`) drives both. Built as a competent engineer would
+for a 2-core box:
 
 - uvicorn with httptools and uvloop (plain h11 shows a 40 ms Nagle / delayed-ACK floor), ``--workers 2``
   processes, one per core, no access log;
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 
 ENV_REPOSITORY = "RECSERVE_BASELINE_REPOSITORY"
 ENV_THREADS = "RECSERVE_BASELINE_THREADS"

@@ -160,7 +160,8 @@ class Reference:
         for r, u in enumerate(users):
             nbr = self.nbr[[i for i in self.recent[u] if i < n]].sum(axis=0)
             unseen = np.setdiff1d(np.arange(n), self.tables.seen_of(u))
-            by = lambda s: sorted(unseen.tolist(), key=lambda i: (-s[i], i))  # noqa: E731
+            def by(score: np.ndarray, unseen: np.ndarray = unseen) -> list[int]:
+                return sorted(unseen.tolist(), key=lambda j: (-score[j], j))
             picked: list[int] = []
             for pool, quota in ((by(nbr)[:self.quota[0]], self.quota[0]), (by(self.pop)[:self.quota[1]], None),
                                 (by(vec[r]), None)):

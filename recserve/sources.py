@@ -301,4 +301,5 @@ def offline_candidates(blend: Blend, user_vec: np.ndarray, item_vec: np.ndarray,
 
 
 __all__ = ["Blend", "QUOTA", "SRC_FEATURES", "TERMS", "VIEWS", "ViewSources", "assemble", "fit_view",
-           "load_blend", "load_view", "offline_candidates", "read_view", "save_sources", "source_features", "tune_blend"]
+           "load_blend", "load_view", "offline_candidates", "read_view", "save_sources", "source_features",
+           "tune_blend"]

@@ -24,8 +24,16 @@ from recserve.evaluate import Evaluator
 from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
 from recserve.ranking import candidates
 from recserve.reference import RANKER_INPUTS, context_of, item_vectors, ranker_batch, user_vectors
-from recserve.sources import (VIEWS, Blend, ViewSources, fit_view, offline_candidates, save_sources,
-                              source_features, tune_blend)
+from recserve.sources import (
+    VIEWS,
+    Blend,
+    ViewSources,
+    fit_view,
+    offline_candidates,
+    save_sources,
+    source_features,
+    tune_blend,
+)
 
 # ALS / EASE / item-kNN settings of the candidate sources when the baselines are not tuned (--budget-minutes 0)
 DEFAULT_SOURCE_PARAMS = {"als": {"factors": 64, "regularization": 1.0, "alpha": 1.0, "iterations": 15},

@@ -449,7 +449,8 @@ def _rel(new: float, old: float) -> float:
 def int8_gate(artifacts: Path, max_rel_change: float = MAX_REL_CHANGE, min_overlap: float = MIN_OVERLAP) -> dict:
     """FP32 vs INT8 ONNX models on the test split; records the figures, raises GateError when one is out of bounds.
 
-    Figures: ndcg@10 and recall@50 of blend+ranker, the served candidate rule and ranker (relative change |int8 - fp32| / fp32 <= max_rel_change)
+    Figures: ndcg@10 and recall@50 of blend+ranker, the served candidate rule and ranker (relative change
+    |int8 - fp32| / fp32 <= max_rel_change)
     and the top-100 overlap of exact retrieval by INT8 vs FP32 towers (>= min_overlap).
     """
     artifacts = Path(artifacts)

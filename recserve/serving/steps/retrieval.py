@@ -23,8 +23,8 @@ import numpy as np
 
 from recserve.ranking import Seen, fetch_size, unseen_candidates
 from recserve.serving import spec
-from recserve.sources import Blend, assemble, read_view, source_features
 from recserve.serving.steps.base import BatchedModel, RequestError, log, ort_session
+from recserve.sources import Blend, assemble, read_view, source_features
 
 
 def sha256_of(path: Path) -> str:
