@@ -117,9 +117,10 @@ class Evaluator:
 
     def candidate_batches(self, two_tower, k: int = RERANK_CANDIDATES, batch: int = 256):
         """Per batch of users: (slice, features, user vectors, item vectors, cand (B, K), cand_src or None)."""
-        from recserve.sources import offline_candidates
+        from recserve.sources import Blend, offline_candidates
 
         iv = item_vectors(two_tower, self.ds)
+        items = Blend.item_matrix(iv, self.sources[1]) if self.sources is not None else None
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
             f = self.tables.users(u)
@@ -127,7 +128,7 @@ class Evaluator:
             if self.sources is None:
                 cand, src = candidates(uv @ iv.T, u, self.seen, k), None
             else:
-                cand, src = offline_candidates(self.sources[0], uv, iv, self.sources[1], u, self.seen, k)
+                cand, src = offline_candidates(self.sources[0], uv, items, self.sources[1], u, self.seen, k)
             yield slice(s, s + batch), f, uv, iv, cand, src
 
     def served_lists(self, two_tower, ranker, k: int = RERANK_CANDIDATES, batch: int = 256) -> np.ndarray:

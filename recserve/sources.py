@@ -27,6 +27,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,9 @@ class ViewSources:
     pop: np.ndarray           # (I,) float32 log(1 + count) over the view's interactions
     recent: np.ndarray        # (U, RECENT) int64 newest first, padded with n_items
 
-    @property
+    @cached_property
     def pop_order(self) -> np.ndarray:
-        """Items by popularity, most popular first, ties to the lower index."""
+        """Items by popularity, most popular first, ties to the lower index (sorted once, not per request)."""
         return np.argsort(-self.pop, kind="stable")
 
     def neighbour_rows(self, users: np.ndarray) -> sp.csr_matrix:
@@ -288,14 +289,16 @@ def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
     return Blend(coef), info
 
 
-def offline_candidates(blend: Blend, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
+def offline_candidates(blend: Blend, user_vec: np.ndarray, items: np.ndarray, src: ViewSources,
                        users: np.ndarray, seen: Seen, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The served candidate rule, offline: (cand (B, K), cand_src (B, K, S)). Exact search replaces FAISS."""
+    """The served candidate rule, offline: (cand (B, K), cand_src (B, K, S)). Exact search replaces FAISS.
+
+    `items` is `Blend.item_matrix(item vectors, src)`, built once by the caller (it is the whole catalogue).
+    """
     users = np.asarray(users, dtype=np.int64)
     q = blend.query(user_vec, src.als_user[users])
-    items = Blend.item_matrix(item_vec, src)
     nbr_rows = src.neighbour_rows(users)
-    k = min(k, len(item_vec))
+    k = min(k, len(items))
     cand = assemble(candidates(q @ items.T, users, seen, k), nbr_rows, users, seen, src, k)
     return cand, source_features(blend, q, items, nbr_rows, src.als_user[users], src.als_item, cand)
 

@@ -100,8 +100,8 @@ class EarlyStopping:
         return self.best
 
 
-def _val_evaluator(ds: Dataset, cfg: TrainConfig, sources: Sources | None = None) -> Evaluator:
-    ev = Evaluator(ds, VALID, sources=sources)
+def _val_evaluator(ds: Dataset, cfg: TrainConfig) -> Evaluator:
+    ev = Evaluator(ds, VALID)
     if len(ev.users) > cfg.max_eval_users:
         keep = np.random.default_rng(cfg.seed).choice(len(ev.users), cfg.max_eval_users, replace=False)
         keep.sort()
@@ -191,7 +191,7 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources:
     merged) and every group item gets its source scores (`cand_src`); without, from the towers alone.
     """
     rng = np.random.default_rng(cfg.seed + 1)
-    ev = Evaluator(ds, VALID, two_tower.cfg.history_len, sources=sources)
+    ev = Evaluator(ds, VALID, two_tower.cfg.history_len)
     iv = item_vectors(two_tower, ds)
     m = ds.split == VALID
     v_users, v_items, v_ts = ds.users[m], ds.items[m], ds.timestamps[m]
@@ -200,7 +200,8 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources:
     if sources is None:
         cand = candidates(uv @ iv.T, ev.users, ev.seen, cfg.candidates)   # the towers' candidate rule
     else:
-        cand, _ = offline_candidates(sources[0], uv, iv, sources[1], ev.users, ev.seen, cfg.candidates)
+        items = Blend.item_matrix(iv, sources[1])
+        cand, _ = offline_candidates(sources[0], uv, items, sources[1], ev.users, ev.seen, cfg.candidates)
     row_of = {u: r for r, u in enumerate(ev.users)}
     groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
     for n, (u, i) in enumerate(zip(v_users, v_items)):
@@ -215,7 +216,6 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources:
     src = None
     if sources is not None:
         blend, view = sources
-        items = Blend.item_matrix(iv, view)
         als_user = view.als_user[ev.users]
         src = source_features(blend, blend.query(uv, als_user)[rows], items, view.neighbour_rows(ev.users)[rows],
                               als_user[rows], view.als_item, groups)
@@ -322,13 +322,13 @@ def train_ranker(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, progress: b
     return model
 
 
-def fit_sources(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, params: dict, out: Path) -> Sources:
+def fit_sources(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, params: dict, out: Path, ev: Evaluator
+                ) -> Sources:
     """Fit ALS, the neighbour table and popularity for every view (ARTIFACTS/sources.npz), choose the blend
     weights on validation (ARTIFACTS/blend.json); returns the blend and the `valid` view."""
     t1 = time.time()
     views = {v: fit_view(ds, v, params, cfg.seed) for v in VIEWS}
     save_sources(out / "sources.npz", views)
-    ev = _val_evaluator(ds, cfg)
     uv = user_vectors(two_tower, ev.tables.users(ev.users))
     blend, info = tune_blend(ev, uv, item_vectors(two_tower, ds), views["valid"], cfg.blend_budget, cfg.seed)
     (out / "blend.json").write_text(json.dumps({**info, "source_params": params,
@@ -378,7 +378,7 @@ def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = T
         _log(f"  baselines tuned on validation in {time.time() - t1:.0f} s (budget {cfg.baselines_budget:g} s): "
              + ", ".join(f"{n} {r['params']}" for n, r in tuned.items() if "params" in r))
         params.update({n: tuned[n]["params"] for n in params if "params" in tuned.get(n, {})})
-    sources = fit_sources(ds, two_tower, cfg, params, out)
+    sources = fit_sources(ds, two_tower, cfg, params, out, ev)
     examples = ranker_examples(ds, two_tower, cfg, sources)
     ranker_cfg = RankerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards, two_tower.cfg.dim,
                               retrieval_temperature=two_tower.cfg.temperature, blend_scale=blend_scale(examples))

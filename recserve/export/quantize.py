@@ -156,9 +156,10 @@ def calibration_batches(ds: Dataset, onnx_dir: Path, rows: int, seed: int, candi
     k = min(candidates_k, ds.n_items)
     artifacts = Path(onnx_dir).parent
     if (artifacts / "sources.npz").exists():      # the served candidate rule and its source scores
-        from recserve.sources import load_blend, load_view, offline_candidates
+        from recserve.sources import Blend, load_blend, load_view, offline_candidates
 
-        cand, src = offline_candidates(load_blend(artifacts), uv, iv, load_view(artifacts, "valid"), u, seen, k)
+        view = load_view(artifacts, "valid")
+        cand, src = offline_candidates(load_blend(artifacts), uv, Blend.item_matrix(iv, view), view, u, seen, k)
     else:
         cand = candidates(uv @ iv.T, u, seen, k)
         src = np.zeros((*cand.shape, N_SRC), np.float32)

@@ -1,0 +1,94 @@
+"""The candidate sources and their merge: quotas, no seen items, no duplicates, the blend score, brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recserve.ranking import PAD_ID, Seen, merge_sources
+from recserve.sources import Blend, ViewSources, assemble, neighbour_candidates, offline_candidates, quotas
+
+pytestmark = pytest.mark.unit
+
+U, N_ITEMS, D, F = 4, 40, 3, 2
+
+
+def _view(seed: int = 0) -> ViewSources:
+    rng = np.random.default_rng(seed)
+    nbr = sp.random(N_ITEMS, N_ITEMS, density=0.2, random_state=seed, format="csr", dtype=np.float32)
+    nbr.data -= 0.3                                        # some negative weights: never neighbour candidates
+    nbr.sort_indices()
+    recent = np.full((U, 3), N_ITEMS, np.int64)
+    recent[:, :2] = rng.integers(0, N_ITEMS, (U, 2))
+    recent[3] = N_ITEMS                                          # a user with no recent items
+    return ViewSources(als_user=rng.normal(size=(U, F)).astype(np.float32),
+                       als_item=rng.normal(size=(N_ITEMS, F)).astype(np.float32), nbr=nbr,
+                       pop=rng.random(N_ITEMS).astype(np.float32), recent=recent)
+
+
+def _seen() -> Seen:
+    items = [[0, 1, 2], [5], [], list(range(10, 30))]
+    return Seen(np.cumsum([0] + [len(x) for x in items]).astype(np.int64),
+                np.array([i for x in items for i in x], np.int64))
+
+
+def test_merge_keeps_first_places_drops_repeats_and_padding():
+    got = merge_sources([np.array([[3, PAD_ID, 5]]), np.array([[5, 7]]), np.array([[1, 3, 7, 9, 11]])], 5)
+    assert got.tolist() == [[3, 5, 7, 1, 9]]
+    assert merge_sources([np.array([[2, 2]]), np.array([[PAD_ID]])], 3).tolist() == [[2, PAD_ID, PAD_ID]]
+
+
+def test_neighbour_source_offers_only_unseen_items_with_a_positive_score_best_first():
+    view, seen = _view(), _seen()
+    users = np.arange(U)
+    rows = view.neighbour_rows(users)
+    dense = rows.toarray()
+    got = neighbour_candidates(rows, users, seen, 6)
+    for u in users:
+        unseen = [i for i in range(N_ITEMS) if i not in set(seen.of(u).tolist()) and dense[u, i] > 0]
+        want = sorted(unseen, key=lambda i: (-dense[u, i], i))[:6]
+        assert got[u][got[u] >= 0].tolist() == want
+    assert (got[3] == PAD_ID).all()                        # no recent items, no neighbours
+
+
+def test_assembled_candidates_are_k_distinct_unseen_items_with_the_quotas_first():
+    view, seen = _view(), _seen()
+    users = np.arange(U)
+    blend = Blend({"two_tower": 1.0, "als": 0.5, "popularity": 0.2, "neighbours": 2.0})
+    rng = np.random.default_rng(1)
+    uv, iv = rng.normal(size=(U, D)).astype(np.float32), rng.normal(size=(N_ITEMS, D)).astype(np.float32)
+    k = 20
+    cand, src = offline_candidates(blend, uv, Blend.item_matrix(iv, view), view, users, seen, k)
+    q_nbr, q_pop = quotas(k)
+    assert (q_nbr, q_pop) == (4, 1)
+    nbr_rows = view.neighbour_rows(users)
+    first = neighbour_candidates(nbr_rows, users, seen, q_nbr)
+    for u in users:
+        row = cand[u]
+        assert len(set(row.tolist())) == k and (row >= 0).all()
+        assert not np.isin(row, seen.of(u)).any()
+        nb = first[u][first[u] >= 0]
+        assert row[:len(nb)].tolist() == nb.tolist()       # the neighbour quota comes first
+        # the blend score: tower dot + ALS + popularity + neighbours, each with its coefficient
+        want = (uv[u] @ iv[row].T + 0.5 * view.als_user[u] @ view.als_item[row].T + 0.2 * view.pop[row]
+                + 2.0 * nbr_rows.toarray()[u, row])
+        np.testing.assert_allclose(src[u, :, 0], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(src[u, :, 2], 2.0 * nbr_rows.toarray()[u, row], rtol=1e-6, atol=1e-6)
+
+
+def test_search_results_and_full_rows_give_the_same_candidates():
+    """The served form (ranked search ids, unseen filter) equals the offline one (full score rows)."""
+    from recserve.ranking import unseen_candidates
+
+    view, seen = _view(2), _seen()
+    users = np.arange(U)
+    blend = Blend({"two_tower": 1.0, "als": 1.0, "popularity": 0.1, "neighbours": 1.0})
+    rng = np.random.default_rng(3)
+    uv, iv = rng.normal(size=(U, D)).astype(np.float32), rng.normal(size=(N_ITEMS, D)).astype(np.float32)
+    items = Blend.item_matrix(iv, view)
+    offline, _ = offline_candidates(blend, uv, items, view, users, seen, 15)
+    scores = blend.query(uv, view.als_user[users]) @ items.T
+    ranked = np.argsort(-scores, axis=1, kind="stable")               # what an exact index returns
+    served = assemble(unseen_candidates(ranked, users, seen, 15), view.neighbour_rows(users), users, seen, view, 15)
+    assert served.tolist() == offline.tolist()
