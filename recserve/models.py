@@ -69,8 +69,14 @@ class ItemTower(nn.Module):
         self.year_emb = nn.Embedding(cfg.n_year_buckets, 8)
         self.mlp = _mlp([cfg.id_dim + 16 + 8, cfg.hidden, cfg.dim])
 
-    def forward(self, item_idx: torch.Tensor, genres: torch.Tensor, year: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.item_emb(item_idx), self.genre_proj(genres), self.year_emb(year)], dim=-1)
+    def forward(self, item_idx: torch.Tensor, genres: torch.Tensor, year: torch.Tensor,
+                id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`id_keep` (B, 1) in {0, 1}, training only: 0 drops the item's id embedding, so the tower also learns to
+        place an item from its content alone, which is all it has for an item nobody has interacted with."""
+        ids = self.item_emb(item_idx)
+        if id_keep is not None:
+            ids = ids * id_keep
+        x = torch.cat([ids, self.genre_proj(genres), self.year_emb(year)], dim=-1)
         return F.normalize(self.mlp(x), dim=-1)
 
 

@@ -199,3 +199,15 @@ def test_checkpoint_refuses_other_data_and_missing_files(tmp_path: Path):
         checkpoint.load(tmp_path / "two_tower.pt", "fp-2")
     with pytest.raises(ArtifactError, match="missing"):
         checkpoint.load(tmp_path / "ranker.pt", "fp-1")
+
+
+@torch.no_grad()
+def test_dropping_the_item_id_is_the_tower_with_that_id_embedding_zeroed():
+    model = _tower()
+    _, genres, year = _item_inputs(6)
+    idx = torch.arange(6)                         # distinct ids: zeroing one row touches one example
+    keep = torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0], [1.0]])
+    dropped = model.item_tower(idx, genres, year, keep)
+    torch.testing.assert_close(dropped[keep[:, 0] == 1], model.item_tower(idx, genres, year)[keep[:, 0] == 1])
+    model.item_tower.item_emb.weight[idx[keep[:, 0] == 0]] = 0.0
+    torch.testing.assert_close(dropped, model.item_tower(idx, genres, year))

@@ -229,3 +229,25 @@ def test_reference_recommends_k_unseen_items_per_user(artifacts: Path, ds: Datas
         assert len(set(items.tolist())) == 10 and ((0 <= items) & (items < ds.n_items)).all()
         assert np.isfinite(scores).all() and (np.diff(scores) <= 0).all()  # best first
         assert not np.isin(items, seen[indptr[u]:indptr[u + 1]]).any(), f"user {u} got an item they already saw"
+
+
+def test_items_without_training_rows_keep_a_zero_id_embedding():
+    from recserve.data.dataset import build_dataset
+    from recserve.train import _val_evaluator, train_two_tower
+
+    small = build_dataset(generate(n_users=60, n_items=400, n_interactions=3000, seed=0))
+    cold = np.bincount(small.items[small.split == TRAIN], minlength=small.n_items) == 0
+    assert cold.any()                                       # the data this test needs
+    cfg = TrainConfig(tower_epochs=2, id_dropout=0.2, baselines_budget=0)
+    tower = train_two_tower(small, cfg, _val_evaluator(small, cfg), progress=False)
+    emb = tower.item_tower.item_emb.weight.detach().numpy()
+    hist = tower.user_tower.hist_emb.weight.detach().numpy()[:-1]
+    assert (emb[cold] == 0).all() and (hist[cold] == 0).all()
+    assert (np.abs(emb[~cold]).sum(axis=1) > 0).all()
+
+
+def test_the_towers_id_dropout_is_the_one_validation_preferred(artifacts: Path):
+    choice = json.loads((artifacts / "train.json").read_text())["two_tower"]
+    assert [t["id_dropout"] for t in choice["tried"]] == list(CONFIG.id_dropout_grid)
+    best = max(choice["tried"], key=lambda t: t["valid_recall@50"])
+    assert choice["id_dropout"] == best["id_dropout"]
