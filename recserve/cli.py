@@ -189,12 +189,18 @@ def serve(
     grpc_port: int = typer.Option(8001, help="gRPC port."),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
     log_verbose: int = typer.Option(0, help="Triton --log-verbose level."),
+    no_verify: bool = typer.Option(False, "--no-verify",
+                                   help="Skip the manifest's sha256 check of every file (development only)."),
+    no_front_door: bool = typer.Option(False, "--no-front-door",
+                                       help="Expose Triton's own HTTP port, without the nginx front door (unsafe)."),
+    drain_timeout: float = typer.Option(5.0, help="Seconds a stop (SIGTERM, Ctrl-C) waits for requests in flight."),
 ):
-    """Start the real tritonserver on a model repository; Ctrl-C stops it."""
+    """Start the real tritonserver on a model repository, behind the front door; SIGTERM or Ctrl-C drains and stops."""
     from recserve.server import serve as run_server
 
     sys.exit(run_server(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                        host=host, log_verbose=log_verbose))
+                        host=host, log_verbose=log_verbose, verify=not no_verify,
+                        front_door=False if no_front_door else None, drain_timeout=drain_timeout))
 
 
 from recserve.client.cli import recommend_command  # noqa: E402

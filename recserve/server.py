@@ -5,6 +5,15 @@ is given a private backend directory assembled from symlinks (site-packages is n
 written to). The child's PATH starts with this interpreter's ``bin`` so the stub runs the
 same environment, and its output (stdout and stderr) is tailed by a thread into a log file,
 an optional stream, and a short in-memory tail used in error messages.
+
+A recserve repository (one with a manifest) is served safely by default (README "Reliability"):
+- its manifest is verified first: every file's sha256, model code included; a changed file refuses to start;
+- Triton's HTTP port is internal, behind the front door (`recserve.serving.frontdoor`, nginx); Triton's admin
+  APIs (model control, shared memory, statistics, trace, logging) need a key only this process holds;
+- a supervisor thread (`recserve.supervisor`) reloads a model whose stub died or stopped answering;
+- stopping drains: readiness goes 503, the front door finishes what is in flight, Triton gets
+  `--exit-timeout-secs`, and the python backend's shared-memory regions (a per-server prefix) are removed;
+- the server and nginx get a parent-death signal, so a `kill -9` of this process leaves no orphan serving.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +39,7 @@ from typing import IO, TextIO
 import requests
 
 from recserve.errors import ServerError
+from recserve.integrity import verify_repository
 
 __all__ = ["TritonServer", "find_tritonserver", "prepare_backend_dir", "free_port", "serve"]
 
@@ -38,6 +49,32 @@ PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 LOG_TAIL_LINES = 200
 ERROR_TAIL_LINES = 40
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+ADMIN_HEADER = "recserve-admin-key"
+# Triton APIs that need the admin key on both protocols; inference, health and metadata stay open.
+RESTRICTED = "model-repository,shared-memory,statistics,trace,logging"
+SHM_DIR = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(sig: int):
+    """preexec_fn: the child gets `sig` when this process dies, even by SIGKILL (Linux prctl)."""
+    def setup() -> None:
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return setup if sys.platform.startswith("linux") else None
+
+
+def describe_exit(code: int | None) -> str:
+    """`exit code 1`, `killed by signal 9 (SIGKILL)`."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _pytriton_tritonserver_dir() -> Path:
@@ -127,7 +164,7 @@ _IN_USE = (
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?\s*:\s*(.*)")
 _REPO_ERROR = re.compile(r"^E\d{4} .*model_repository_manager\.cc:\d+\] \"(.*)")
 # Logged as errors on every CPU-only machine; never the reason a server stopped.
-_NOISE = ("CudaDriverHelper", "NVML", "DCGM")
+_NOISE = ("cudadriverhelper", "nvml", "dcgm", "cuda", "gpu")
 
 
 def _failure_reason(lines: Sequence[str], port_flags: dict[int, str], backend_dir: Path | None = None) -> str:
@@ -154,7 +191,7 @@ def _failure_reason(lines: Sequence[str], port_flags: dict[int, str], backend_di
         match = _REPO_ERROR.search(line)
         if match:
             return f"model repository rejected: {match.group(1).strip().rstrip(chr(34))}"
-    errors = [line.strip() for line in lines if not any(noise in line for noise in _NOISE)]
+    errors = [line.strip() for line in lines if not any(noise in line.lower() for noise in _NOISE)]
     for line in reversed(errors):
         if line.startswith("error:") or "failed to start" in line:
             return line
@@ -181,8 +218,14 @@ class TritonServer:
             a path writes it there, and a text stream (``sys.stderr``) receives every line as
             it comes (the log is then also kept in the temporary directory).
         extra_args: more ``tritonserver`` arguments, appended last.
-        model_control_mode: ``none``, ``poll`` or ``explicit``.
+        model_control_mode: ``none``, ``poll`` or ``explicit`` (the default: every model is loaded at start,
+            and the supervisor may reload one).
         ready_timeout: default seconds :meth:`wait_ready` waits when entered as a context manager.
+        verify: check the manifest's sha256 of every file before starting (refuses on any change).
+        front_door: serve HTTP through nginx (`recserve.serving.frontdoor`); ``None``: when the repository is
+            a recserve repository (it has a manifest).
+        supervise: reload models whose stub died or stopped answering; ``None``: with the front door.
+        drain_timeout: seconds a stop waits for the requests in flight.
     """
 
     def __init__(
@@ -195,8 +238,12 @@ class TritonServer:
         log_verbose: int = 0,
         log_file: str | os.PathLike[str] | TextIO | None = None,
         extra_args: Iterable[str] = (),
-        model_control_mode: str = "none",
+        model_control_mode: str = "explicit",
         ready_timeout: float = 120.0,
+        verify: bool = True,
+        front_door: bool | None = None,
+        supervise: bool | None = None,
+        drain_timeout: float = 5.0,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}.")
@@ -223,6 +270,19 @@ class TritonServer:
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._tail_lock = threading.Lock()
         self._backend_dir: Path | None = None
+        self.verify = verify
+        recserve_repo = (self.repository / "manifest.json").is_file()
+        self.front_door_enabled = recserve_repo if front_door is None else front_door
+        self.supervise = (self.front_door_enabled and model_control_mode == "explicit") if supervise is None \
+            else supervise
+        self.drain_timeout = drain_timeout
+        self.admin_key = secrets.token_hex(16)
+        self.shm_prefix = f"recserve_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.triton_http_port = http_port
+        self.front_door = None
+        self.supervisor = None
+        self.leaked_shm: list[str] = []
+        self._stopped = False
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -240,6 +300,15 @@ class TritonServer:
         if protocol == "metrics":
             return f"http://{self._client_host}:{self.metrics_port}/metrics"
         raise ValueError(f"protocol must be 'http', 'grpc' or 'metrics', got {protocol!r}")
+
+    @property
+    def admin_url(self) -> str:
+        """Triton's own HTTP address (internal when the front door is on); admin calls need `admin_headers`."""
+        return f"http://127.0.0.1:{self.triton_http_port}" if self.front_door_enabled else self.url("http")
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {ADMIN_HEADER: self.admin_key}
 
     @property
     def log_path(self) -> Path | None:
@@ -274,8 +343,14 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--disable-auto-complete-config",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
+            *(("--http-address=127.0.0.1", f"--http-port={self.triton_http_port}") if self.front_door_enabled
+              else (f"--http-address={self.host}", f"--http-port={self.http_port}")),
+            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--exit-timeout-secs={max(1, int(self.drain_timeout))}",
+            *(("--load-model=*",) if self.model_control_mode == "explicit"
+              and not any(a.startswith("--load-model") for a in self.extra_args) else ()),
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--allow-metrics=true",
@@ -303,7 +378,14 @@ class TritonServer:
             raise ServerError("this TritonServer was already started; create a new one to start again.")
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} is not a directory; run the repository step first.")
+        if self.verify:
+            verify_repository(self.repository)
         self._check_ports()
+        if self.front_door_enabled:
+            from recserve.serving.frontdoor import find_nginx
+
+            find_nginx()                      # says how to install it before anything starts
+            self.triton_http_port = free_port()
         self._workdir = Path(tempfile.mkdtemp(prefix="recserve-triton-"))
         backend_dir = prepare_backend_dir(self._workdir / "backends")
         if self._log_path is None:
@@ -313,6 +395,7 @@ class TritonServer:
         # The stub runs the first python on PATH: make it this environment's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["PYTHONDONTWRITEBYTECODE"] = "1"   # nothing is written into the (verified) repository
         self._backend_dir = backend_dir
         # Closed by the reader thread when the server's output ends.
         self._log_handle = open(self._log_path, "w", encoding="utf-8")
@@ -326,6 +409,8 @@ class TritonServer:
                 # Own process group: Ctrl-C in a terminal reaches us, not the server, so we stop it
                 # in order; the group also lets us kill stubs left behind by a crash.
                 start_new_session=True,
+                # SIGTERM when this process dies, even by SIGKILL: Triton stops itself and its stubs
+                preexec_fn=_die_with_parent(signal.SIGTERM),
             )
         except OSError as exc:
             self._log_handle.close()
@@ -373,18 +458,53 @@ class TritonServer:
         if self._proc is None:
             raise ServerError("the server was not started; call start() first.")
         timeout = self.ready_timeout if timeout is None else timeout
-        url = f"{self.url('http')}/v2/health/ready"
+        url = f"{self.admin_url}/v2/health/ready"
         deadline = time.monotonic() + timeout
         while True:
             code = self._proc.poll()
             if code is not None:
-                raise ServerError(self._failure_message(f"tritonserver exited with code {code} before it was ready"))
+                raise ServerError(self._failure_message(
+                    f"tritonserver stopped ({describe_exit(code)}) before it was ready"))
             # Triton binds the metrics port after HTTP is up and exits if that fails: wait for both.
             if self._get_ok(url) and self._get_ok(self.url("metrics")) and self._proc.poll() is None:
-                return
+                break
             if time.monotonic() > deadline:
                 raise ServerError(self._failure_message(f"tritonserver was not ready at {url} after {timeout:g} s"))
             time.sleep(interval)
+        if self.front_door_enabled and self.front_door is None:
+            self._start_front_door(deadline)
+        if self.supervise and self.supervisor is None:
+            from recserve.supervisor import Supervisor
+
+            self.supervisor = Supervisor(self.repository, self.admin_url, self._server_pid,
+                                         self.front_door.set_state if self.front_door else (lambda state: None),
+                                         self.admin_headers)
+            self.supervisor.start()
+        elif self.front_door is not None:
+            self.front_door.set_state("ready")
+
+    def _server_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _start_front_door(self, deadline: float) -> None:
+        from recserve.serving.frontdoor import FrontDoor, contract
+
+        assert self._workdir is not None
+        self.front_door = FrontDoor(self._workdir / "frontdoor", self.host, self.http_port, self.triton_http_port,
+                                    contract(self.repository))
+        nginx_log = open(self._workdir / "nginx.log", "w")  # noqa: SIM115 - nginx holds it until it exits
+        try:
+            proc = self.front_door.start(nginx_log, preexec_fn=_die_with_parent(signal.SIGTERM))
+        finally:
+            nginx_log.close()
+        while not os.path.exists(self.front_door.control) or not self.front_door.set_state("starting"):
+            if proc.poll() is not None:
+                text = (self._workdir / "nginx.log").read_text(errors="replace").strip().splitlines()
+                raise ServerError(f"the front door (nginx) stopped ({describe_exit(proc.returncode)}): "
+                                  f"{text[-1] if text else 'no output'}")
+            if time.monotonic() > deadline:
+                raise ServerError("the front door (nginx) did not start in time; see " f"{self._workdir / 'nginx.log'}")
+            time.sleep(0.05)
 
     @staticmethod
     def _get_ok(url: str) -> bool:
@@ -418,7 +538,16 @@ class TritonServer:
         proc = self._proc
         if proc is None:
             return None
+        if self._stopped:
+            return proc.returncode
+        self._stopped = True
         try:
+            if self.supervisor is not None:
+                self.supervisor.stop()
+            if self.front_door is not None:
+                # readiness 503 first, then close the listener and finish the requests in flight
+                self.front_door.set_state("draining: the server is stopping")
+                self.front_door.quit(self.drain_timeout)
             if not self._signal(signal.SIGINT, timeout):
                 self._signal(signal.SIGTERM, 5.0)
         finally:
@@ -427,6 +556,10 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            if self.front_door is not None and self.front_door.proc is not None and self.front_door.proc.poll() is None:
+                self.front_door.proc.kill()
+                self.front_door.proc.wait()
+            self.leaked_shm = self._remove_shm()
         self._join_reader(5.0)
         if proc.stdout is not None:
             proc.stdout.close()
@@ -436,6 +569,14 @@ class TritonServer:
             failed = proc.returncode not in (0, -signal.SIGINT)
             shutil.rmtree(self._workdir / "backends" if log_inside and failed else self._workdir, ignore_errors=True)
         return proc.returncode
+
+    def _remove_shm(self) -> list[str]:
+        """Remove this server's python-backend shared-memory regions; returns the names it had left behind."""
+        left = sorted(p.name for p in SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+        for name in left:
+            with contextlib.suppress(OSError):
+                (SHM_DIR / name).unlink()
+        return left
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -458,9 +599,12 @@ def serve(
     host: str = "127.0.0.1",
     log_verbose: int = 0,
     extra_args: Iterable[str] = (),
-    model_control_mode: str = "none",
+    model_control_mode: str = "explicit",
     ready_timeout: float = 120.0,
     stream_log: bool = True,
+    verify: bool = True,
+    front_door: bool | None = None,
+    drain_timeout: float = 5.0,
 ) -> int:
     """Run Triton in the foreground until Ctrl-C or SIGTERM (the ``recserve serve`` command).
 
@@ -484,6 +628,9 @@ def serve(
         extra_args=extra_args,
         model_control_mode=model_control_mode,
         ready_timeout=ready_timeout,
+        verify=verify,
+        front_door=front_door,
+        drain_timeout=drain_timeout,
     )
 
     def _on_sigterm(signum: int, frame: object) -> None:
@@ -493,14 +640,21 @@ def serve(
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         with server:
+            door = " (front door)" if server.front_door is not None else ""
             print(
-                f"Triton ready: HTTP {server.url('http')}, gRPC {server.url('grpc')}, metrics {server.url('metrics')}",
+                f"Triton ready: HTTP {server.url('http')}{door}, gRPC {server.url('grpc')}, "
+                f"metrics {server.url('metrics')}",
                 flush=True,
             )
-            while server.is_alive:
+            nginx = server.front_door.proc if server.front_door is not None else None
+            while server.is_alive and (nginx is None or nginx.poll() is None):
                 time.sleep(0.5)
-            code = server.process.returncode  # type: ignore[union-attr]
-            raise ServerError(server._failure_message(f"tritonserver exited with code {code} while serving"))
+            if not server.is_alive:
+                code = server.process.returncode  # type: ignore[union-attr]
+                raise ServerError(server._failure_message(
+                    f"tritonserver stopped ({describe_exit(code)}) while serving"))
+            raise ServerError(f"the front door (nginx) stopped ({describe_exit(nginx.returncode)}) while serving; "
+                              "stopping Triton")
     except KeyboardInterrupt:
         print("Triton stopped.", file=sys.stderr, flush=True)
     finally:

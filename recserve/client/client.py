@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
+import random
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +87,16 @@ def _is_gevent_timeout(exc: BaseException) -> bool:
     return isinstance(exc, Timeout)
 
 
+class Overloaded(ServerError):
+    """The server shed the request (HTTP 503, or gRPC UNAVAILABLE from a full queue); `infer` retries it."""
+
+
+# Retries of a shed request: full-jitter exponential backoff from 10 ms, capped at 200 ms a pause, within the
+# call's timeout.
+RETRY_BASE_S, RETRY_CAP_S = 0.01, 0.2
+_SHED_WORDS = ("queue", "overloaded", "too many requests")
+
+
 def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: float) -> RecserveError:
     """Turn one tritonclient / socket exception into the recserve error a user can act on."""
     from tritonclient.utils import InferenceServerException
@@ -95,6 +108,8 @@ def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: fl
         if "DEADLINE_EXCEEDED" in status:
             return ServerError(timed_out)
         message = _server_message(exc)
+        if status == "503" or ("UNAVAILABLE" in status and any(w in message.lower() for w in _SHED_WORDS)):
+            return Overloaded(f"the server at {where} is overloaded and shed the request: {message}")
         if "UNAVAILABLE" in status:
             # gRPC's own "failed to connect" / "Socket closed" versus Triton saying a model is not ready.
             if any(word in message.lower() for word in _CONNECTION_WORDS):
@@ -150,6 +165,13 @@ class _Transport:
             yield
         except self._catch as exc:
             raise _map_error(exc, model=model, where=self.where, timeout=self.timeout) from None
+        except RecserveError:
+            raise
+        except Exception as exc:   # e.g. an HTTP client reading a gRPC port: one line, never a traceback
+            other = "gRPC" if self.protocol == "http" else "HTTP"
+            raise ServerError(f"the server at {self.where} answered in a way {self.protocol} cannot read "
+                              f"({type(exc).__name__}); is that the {other} port? (defaults: gRPC 8001, HTTP 8000)"
+                              ) from None
 
     def _timeout_kwargs(self) -> dict[str, float]:
         return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
@@ -159,15 +181,25 @@ class _Transport:
         from tritonclient.utils import np_to_triton_dtype
 
         names = list(outputs)
-        with self._guard(model):
-            requests = []
-            for name, array in inputs.items():
-                infer_input = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-                infer_input.set_data_from_numpy(array)
-                requests.append(infer_input)
-            wanted = [self._module.InferRequestedOutput(name) for name in names]
-            result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
-            arrays = {name: result.as_numpy(name) for name in names}
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            try:
+                with self._guard(model):
+                    requests = []
+                    for name, array in inputs.items():
+                        infer_input = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                        infer_input.set_data_from_numpy(array)
+                        requests.append(infer_input)
+                    wanted = [self._module.InferRequestedOutput(name) for name in names]
+                    result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
+                    arrays = {name: result.as_numpy(name) for name in names}
+                break
+            except Overloaded:
+                # shed by the server: back off (exponential, full jitter) and retry within the deadline
+                pause = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt))
+                if time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
         missing = [name for name, array in arrays.items() if array is None]
         if missing:
             raise ClientError(f"model '{model}' at {self.where} returned no {', '.join(missing)}; "

@@ -30,8 +30,8 @@ from tritonclient.grpc import model_config_pb2
 from recserve.errors import ArtifactError
 from recserve.export import graphs
 from recserve.export.index import IndexSpec, build_index, describe, recall_vs_exact
+from recserve.integrity import code_hashes, repository_hashes, sha256_of
 from recserve.serving import spec
-from recserve.serving.steps.retrieval import sha256_of
 from recserve.sources import Blend, ViewSources, load_blend, load_view, save_sources
 
 README = Path(__file__).resolve().parents[2] / "model_repository" / "README.md"
@@ -97,7 +97,8 @@ def _tensor(t: spec.Tensor, sizes: dict[str, int], squeeze: bool = False) -> dic
     return out
 
 
-def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: tuple[str, ...] = ()) -> dict:
+def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: tuple[str, ...] = (),
+                 bounds: dict[str, str] | None = None) -> dict:
     """The config of one served model. `squeeze`: graph inputs of rank 1 fed from [B, 1] rows (native only)."""
     s = spec.step(name)
     batch = spec.BATCHING[s.level]
@@ -107,8 +108,7 @@ def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: t
                  "output": [_tensor(t, sizes) for t in s.outputs],
                  "instance_group": [{"count": opts.instances, "kind": "KIND_CPU"}]}
     if s.on_path:
-        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": batch["delay_us"],
-                                   "preferred_batch_size": batch["preferred"]}
+        cfg["dynamic_batching"] = _dynamic_batching(batch)
     threads = opts.ranker_threads if name == "ranker" else opts.step_threads
     if native_graph and opts.tensorrt and name == "ranker":
         cfg.update(platform="tensorrt_plan", default_model_filename="model.plan")
@@ -122,9 +122,25 @@ def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: t
                                 "omp_threads": str(opts.step_threads)},
                   "ranker": {"intra_op_threads": str(threads)},
                   "item_tower": {"intra_op_threads": str(threads)}}.get(name, {})
+        params = {**params, **(bounds or {})}   # the index ranges a graph step checks each request against
         if params:
             cfg["parameters"] = {k: {"string_value": v} for k, v in params.items()}
     return cfg
+
+
+def model_batch_size(name: str, flavor: str) -> int:
+    """max_batch_size of a served model, as its config says (the front door bounds requests by it)."""
+    if name == spec.ENSEMBLE:
+        if flavor == "embedded":
+            return spec.BATCHING[spec.FUSED.level]["max_batch_size"]
+        return min(spec.BATCHING[s.level]["max_batch_size"] for s in spec.path())
+    return spec.BATCHING[spec.step(name).level]["max_batch_size"]
+
+
+def _dynamic_batching(batch: dict) -> dict:
+    return {"max_queue_delay_microseconds": batch["delay_us"], "preferred_batch_size": batch["preferred"],
+            "default_queue_policy": {"max_queue_size": spec.QUEUE["max_queue_size"], "timeout_action": "REJECT",
+                                     "default_timeout_microseconds": spec.QUEUE["timeout_us"]}}
 
 
 def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
@@ -136,8 +152,7 @@ def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
     return {"name": s.name, "backend": "python", "max_batch_size": batch["max_batch_size"],
             "input": [_tensor(t, sizes) for t in s.inputs], "output": [_tensor(t, sizes) for t in s.outputs],
             "instance_group": [{"count": opts.fused_instances or os.cpu_count() or 1, "kind": "KIND_CPU"}],
-            "dynamic_batching": {"max_queue_delay_microseconds": batch["delay_us"],
-                                 "preferred_batch_size": batch["preferred"]},
+            "dynamic_batching": _dynamic_batching(batch),
             "parameters": {"threads": {"string_value": str(opts.step_threads)}}}
 
 
@@ -147,7 +162,7 @@ def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
               "output_map": {n: n for n in s.output_names}} for s, inputs in spec.wiring()]
     return {"name": spec.ENSEMBLE, "platform": "ensemble",
             # an ensemble may not batch more rows than its smallest member allows
-            "max_batch_size": min(spec.BATCHING[s.level]["max_batch_size"] for s in spec.path()),
+            "max_batch_size": model_batch_size(spec.ENSEMBLE, "native"),
             "input": [_tensor(t, sizes) for t in spec.REQUEST], "output": [_tensor(t, sizes) for t in spec.RESPONSE],
             "ensemble_scheduling": {"step": steps}}
 
@@ -206,8 +221,11 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         index_info = _write_index(retrieval, items, opts, queries)
         np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
         squeeze = {"item_tower": ("item_idx", "item_year")}
+        n_users, n_items = str(len(tables.user_ids)), str(len(tables.item_ids))
+        bounds = {"ranker": {"n_users": n_users, "n_items": n_items, "k_max": str(sizes["KMAX"])},
+                  "item_tower": {"n_items": n_items, "n_year_buckets": str(_year_buckets(files["item_tower"]))}}
         for s in spec.STEPS:
-            _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ())),
+            _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ()), bounds.get(s.name)),
                           shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None)
         version_dir(spec.ENSEMBLE)
         if opts.flavor == "embedded":
@@ -224,7 +242,8 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
             "int8": _int8_summary(artifacts) if opts.precision == "int8" else None,
             "models": sorted([*(s.name for s in spec.STEPS), spec.ENSEMBLE]),
-            "sha256": {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+            "sha256": repository_hashes(tmp),
+            "code_sha256": code_hashes(),     # what `recserve serve` verifies before starting (recserve/integrity.py)
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, repository)
@@ -232,6 +251,14 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _year_buckets(item_tower: Path) -> int:
+    """Rows of the item tower's year embedding (its `item_year` input indexes them)."""
+    for init in onnx.load(item_tower).graph.initializer:
+        if "year_emb" in init.name and len(init.dims) == 2:
+            return int(init.dims[0])
+    raise ArtifactError(f"{item_tower} has no year embedding table; re-export it with `recserve export onnx`")
 
 
 def ranker_gate(artifacts: Path) -> dict:

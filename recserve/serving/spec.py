@@ -75,6 +75,12 @@ BATCHING = {
     "user": {"max_batch_size": 64, "preferred": [8, 16], "delay_us": 50},
     "candidate": {"max_batch_size": 16, "preferred": [4, 8], "delay_us": 50},
 }
+# Load shedding on the request path: a request that finds this many requests queued ahead of it, or that waited
+# this long, is refused at once with UNAVAILABLE (HTTP 503) instead of queueing without bound; the client retries
+# with backoff within its deadline. 64 queued at ~1,000 req/s is ~60 ms of wait (README "Reliability").
+QUEUE = {"max_queue_size": 64, "timeout_us": 250_000}
+# The widest a variable dimension (-1) of a request may be: titles for a page of results, not the catalogue.
+MAX_WIDTH = 1_000
 
 _HOUR = Tensor("hour", "INT64", (1,), optional=True, doc="0-23; default: now, UTC")
 _WEEKDAY = Tensor("weekday", "INT64", (1,), optional=True, doc="0 = Monday; default: today, UTC")
@@ -113,7 +119,7 @@ STEPS = (
                  Tensor("cand_idx", "INT64", ("K",)), Tensor("cand_src", "FP32", ("K", "S")),
                  Tensor("k", "INT32", (1,))),
          outputs=RESPONSE,
-         files=("model.onnx",), params=("intra_op_threads",),
+         files=("model.onnx",), params=("intra_op_threads", "n_users", "n_items", "k_max"),
          doc="one graph: gathers each candidate's features from its tables, scores them (or, when the ranker did "
              "not beat the retrieval order on validation, takes the blend score), masks padding, keeps the best "
              "KMAX with ONNX TopK and maps them to raw ids; items past k are -1"),
@@ -121,7 +127,7 @@ STEPS = (
          inputs=(Tensor("item_idx", "INT64", (1,)), Tensor("item_genres", "FP32", ("G",)),
                  Tensor("item_year", "INT64", (1,))),
          outputs=(Tensor("item_vec", "FP32", ("D",)),),
-         files=("model.onnx",), params=("intra_op_threads",), on_path=False,
+         files=("model.onnx",), params=("intra_op_threads", "n_items", "n_year_buckets"), on_path=False,
          doc="embeds items (new ones too); the index must come from this tower"),
     Step("catalogue", "python", "user",
          inputs=(Tensor("item_ids", "INT64", (-1,)),),

@@ -4,6 +4,10 @@ A step names its model in the serving spec (`SPEC = spec.step("...")`) and imple
 `compute(inputs) -> outputs` on batch-major arrays (the rows of every request of a formed batch,
 concatenated). `validate` may raise RequestError for one request: that request gets INVALID_ARG
 (HTTP 400, gRPC INVALID_ARGUMENT) and its neighbours in the batch are still answered.
+
+No request can fail its neighbours: when `compute` raises on a merged batch, each request is computed alone,
+and only the ones that still fail get an error. That error names the model and says the server log has the
+details; the traceback goes to the log, never to the client (it carries source paths).
 """
 
 from __future__ import annotations
@@ -21,6 +25,29 @@ log = logging.getLogger("recserve.triton")
 
 class RequestError(ValueError):
     """Raised by a request-level check; becomes an error response for that one request."""
+
+
+def check_index(inputs: dict[str, np.ndarray], name: str, n: int, pad: bool = False) -> None:
+    """`name` holds indices into a table of n rows (-1 allowed as padding when `pad`)."""
+    v = inputs[name]
+    low = -1 if pad else 0
+    if v.size and (int(v.min()) < low or int(v.max()) >= n):
+        bad = v[(v < low) | (v >= n)].flat[0]
+        raise RequestError(f"{name}={int(bad)} is out of range: indices run 0..{n - 1}"
+                           + (" (-1 pads)" if pad else ""))
+
+
+def check_finite(inputs: dict[str, np.ndarray], *names: str) -> None:
+    for name in names:
+        if not np.isfinite(inputs[name]).all():
+            raise RequestError(f"{name} holds NaN or infinity: send finite numbers")
+
+
+def check_range(inputs: dict[str, np.ndarray], name: str, low: int, high: int, hint: str = "") -> None:
+    v = inputs[name]
+    if v.size and (int(v.min()) < low or int(v.max()) > high):
+        bad = int(v[(v < low) | (v > high)].flat[0])
+        raise RequestError(f"{name}={bad} is out of range: choose {low}..{high}{hint}")
 
 
 def ort_session(path: Path, threads: int):
@@ -76,25 +103,53 @@ class BatchedModel:
                 if t is not None:
                     inputs[n] = t.as_numpy()
             try:
+                missing = [n for n in self.SPEC.required if n not in inputs]
+                if missing:
+                    raise RequestError(f"missing input {', '.join(missing)}: {self.model_name} needs "
+                                       f"{', '.join(self.SPEC.required)}")
                 self.validate(inputs)
             except RequestError as exc:
                 log.warning("%s: rejected a request: %s", self.model_name, exc)
-                responses[r] = pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+                responses[r] = self._error(str(exc), pb.TritonError.INVALID_ARG)
+                continue
+            except Exception:
+                log.exception("%s: the check of a request failed", self.model_name)
+                responses[r] = self._internal()
                 continue
             good.append(r)
             batches.append(inputs)
         if not good:
             return responses
-        if len(batches) == 1:
-            merged = batches[0]
-        else:
-            merged = {n: np.concatenate([b[n] for b in batches]) for n in batches[0]}
-        outputs = self.compute(merged)
-        sizes = [len(next(iter(b.values()))) for b in batches]
-        for r, out in zip(good, self.split(outputs, sizes)):
-            responses[r] = pb.InferenceResponse(output_tensors=[
+        try:
+            results = self._run(batches)
+        except Exception:
+            if len(batches) == 1:
+                log.exception("%s: a request failed", self.model_name)
+                results = [None]
+            else:   # find the request that fails; its neighbours are still answered
+                log.exception("%s: a batch of %d requests failed; computing each alone", self.model_name, len(batches))
+                results = []
+                for b in batches:
+                    try:
+                        results.append(self._run([b])[0])
+                    except Exception:
+                        log.exception("%s: a request failed", self.model_name)
+                        results.append(None)
+        for r, out in zip(good, results):
+            responses[r] = self._internal() if out is None else pb.InferenceResponse(output_tensors=[
                 pb.Tensor(n, np.ascontiguousarray(out[n], dtype=self.out_dtypes[n])) for n in self.SPEC.output_names])
         return responses
+
+    def _run(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        merged = batches[0] if len(batches) == 1 else {n: np.concatenate([b[n] for b in batches]) for n in batches[0]}
+        return self.split(self.compute(merged), [len(next(iter(b.values()))) for b in batches])
+
+    def _error(self, message: str, code):
+        return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
+
+    def _internal(self):
+        return self._error(f"{self.model_name} could not answer this request (an internal error; the server log "
+                           "has the details)", self.pb.TritonError.INTERNAL)
 
     def finalize(self) -> None:
         pass

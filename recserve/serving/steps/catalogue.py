@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.serving import spec
-from recserve.serving.steps.base import BatchedModel
+from recserve.serving.steps.base import BatchedModel, RequestError
 
 
 class Catalogue:
@@ -26,6 +26,13 @@ class TritonPythonModel(BatchedModel):
 
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         self.catalogue = Catalogue(version_dir)
+
+    MAX_IDS = spec.MAX_WIDTH
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        if inputs["item_ids"].shape[-1] > self.MAX_IDS:
+            raise RequestError(f"item_ids holds {inputs['item_ids'].shape[-1]} ids: ask for at most {self.MAX_IDS} "
+                               "titles per request")
 
     def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"titles": self.catalogue(inputs["item_ids"])}

@@ -14,25 +14,17 @@ Refuses to load when the index was built from a different item tower than the on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from recserve.integrity import sha256_of
 from recserve.ranking import Seen, fetch_size, unseen_candidates
 from recserve.serving import spec
 from recserve.serving.steps.base import BatchedModel, RequestError, log, ort_session
 from recserve.sources import Blend, assemble, read_view, source_features
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lookup_users(user_ids: np.ndarray, known: np.ndarray) -> np.ndarray:

@@ -1,0 +1,206 @@
+"""Supervision of a running Triton: a dead or stuck model is found and reloaded, and readiness says so meanwhile.
+
+Triton 2.51 does not restart a python-backend stub that died: after `kill -9` of one, every request routed to
+that instance fails for good, and `/v2/health/ready` stays 200. The supervisor, a thread of `recserve serve`:
+
+- watches the stub processes (children of `tritonserver`, one per model instance) every `interval` seconds;
+- sends each model a canary inference (a known user; the ranker gets the retrieval canary's output) every
+  `canary_every` seconds, with a timeout, to catch a stub that is alive but does not answer;
+- when either fails, sets the front door's readiness to "restoring MODEL: why" and reloads that model through
+  Triton's EXPLICIT model control, with its own config plus a changed `recserve_restart` parameter (a load of
+  an unchanged model is a no-op in Triton). The new instances start while the old ones still serve, so a live
+  instance keeps answering during the reload (measured 0.4 s for `recommend`); then readiness is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import requests
+
+log = logging.getLogger("recserve.supervisor")
+
+STUB = "triton_python_backend_stub"
+
+
+def stub_instances(server_pid: int) -> dict[str, int]:
+    """{instance name (`ranker_0_0`): pid} of the live python-backend stubs of one tritonserver."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().rsplit(b")", 1)[1].split()
+            if int(stat[1]) != server_pid or stat[0] == b"Z":
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if argv and argv[0].endswith(STUB.encode()) and len(argv) >= 3:
+            out[argv[-3].decode()] = int(entry.name)   # ... <instance name> DEFAULT ''
+    return out
+
+
+def model_of(instance: str) -> str:
+    """`recommend_0_1` -> `recommend` (Triton names an instance <model>_<group>_<index>)."""
+    return instance.rsplit("_", 2)[0]
+
+
+def _tensor(name: str, dtype: str, value: np.ndarray) -> dict:
+    return {"name": name, "datatype": dtype, "shape": list(value.shape), "data": value.reshape(-1).tolist()}
+
+
+class Canaries:
+    """One known-good request per model, from the repository's own files."""
+
+    def __init__(self, repository: Path):
+        repository = Path(repository)
+        with np.load(repository / "retrieval" / "1" / "users.npz") as z:
+            self.user = int(z["user_ids"][0])
+        with np.load(repository / "catalogue" / "1" / "items.npz") as z:
+            self.item = int(z["item_ids"][0])
+        self.genres = _config_inputs(repository / "item_tower" / "config.pbtxt")["item_genres"][0]
+        self.models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+
+    def request(self, model: str, retrieved: dict | None) -> dict | None:
+        one = np.array([[1]], np.int32)
+        user = np.array([[self.user]], np.int64)
+        if model in ("recommend", "retrieval"):
+            return {"inputs": [_tensor("user_id", "INT64", user), _tensor("k", "INT32", one)]}
+        if model == "ranker":
+            if retrieved is None:
+                return None
+            return {"inputs": [*retrieved, _tensor("k", "INT32", one)]}
+        if model == "item_tower":
+            return {"inputs": [_tensor("item_idx", "INT64", np.zeros((1, 1), np.int64)),
+                               _tensor("item_genres", "FP32", np.zeros((1, self.genres), np.float32)),
+                               _tensor("item_year", "INT64", np.zeros((1, 1), np.int64))]}
+        if model == "catalogue":
+            return {"inputs": [_tensor("item_ids", "INT64", np.array([[self.item]], np.int64))]}
+        return None
+
+
+def _config_inputs(path: Path) -> dict[str, list[int]]:
+    from recserve.serving.repository import parse
+
+    return {t.name: [int(d) for d in t.dims] for t in parse(path.read_text()).input}
+
+
+class Supervisor:
+    """The watch thread. `set_state` publishes readiness (the front door's); `admin` holds Triton's admin key."""
+
+    def __init__(self, repository: Path, url: str, server_pid: Callable[[], int | None],
+                 set_state: Callable[[str], object], admin_headers: dict[str, str],
+                 interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0):
+        self.url = url.rstrip("/")
+        self.server_pid = server_pid
+        self.set_state = set_state
+        self.admin = admin_headers
+        self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
+        self.canaries = Canaries(repository)
+        self.restarts: list[dict] = []          # {"model", "reason", "seconds"} per reload, for tests and logs
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._expected: dict[str, int] = {}
+        self._generation = 0
+        self._session = requests.Session()
+
+    def start(self) -> None:
+        pid = self.server_pid()
+        self._expected = stub_instances(pid) if pid else {}
+        self.set_state("ready")
+        self._thread = threading.Thread(target=self._run, name="recserve-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._session.close()   # Triton's stop waits for open HTTP connections, keep-alive ones included
+
+    # -- checks --------------------------------------------------------------------------------------------
+
+    def dead_instances(self) -> dict[str, str]:
+        """{model: why} for models one of whose stubs is gone."""
+        pid = self.server_pid()
+        if pid is None:
+            return {}
+        alive = stub_instances(pid)
+        return {model_of(i): f"its process {p} ({i}) died" for i, p in self._expected.items() if alive.get(i) != p}
+
+    def canary(self) -> dict[str, str]:
+        """{model: why} for models that did not answer their canary correctly in time."""
+        failed: dict[str, str] = {}
+        retrieved = None
+        for model in ("retrieval", *[m for m in self.canaries.models if m != "retrieval"]):
+            if model not in self.canaries.models:
+                continue
+            body = self.canaries.request(model, retrieved)
+            if body is None:
+                continue
+            try:
+                r = self._session.post(f"{self.url}/v2/models/{model}/infer", json=body, timeout=self.canary_timeout)
+            except requests.Timeout:
+                failed[model] = f"no answer to its canary within {self.canary_timeout:g} s"
+                continue
+            except requests.RequestException as exc:
+                failed[model] = f"canary failed: {type(exc).__name__}"
+                continue
+            if r.status_code != 200:
+                failed[model] = f"canary answered {r.status_code}: {r.text[:200]}"
+            elif model == "retrieval":
+                outs = r.json()["outputs"]
+                retrieved = [{k: o[k] for k in ("name", "datatype", "shape", "data")} for o in outs]
+        return failed
+
+    # -- repair --------------------------------------------------------------------------------------------
+
+    def reload(self, model: str, reason: str) -> bool:
+        t0 = time.monotonic()
+        self.set_state(f"restoring {model}: {reason}")
+        log.warning("supervisor: %s %s; reloading it", model, reason)
+        try:
+            cfg = self._session.get(f"{self.url}/v2/models/{model}/config", timeout=5).json()
+            self._generation += 1
+            cfg.setdefault("parameters", {})["recserve_restart"] = {"string_value": str(self._generation)}
+            r = self._session.post(f"{self.url}/v2/repository/models/{model}/load", headers=self.admin,
+                                   json={"parameters": {"config": json.dumps(cfg)}}, timeout=120)
+            ok = r.status_code == 200
+            if not ok:
+                log.error("supervisor: reloading %s failed: %s", model, r.text[:300])
+        except requests.RequestException as exc:
+            log.error("supervisor: reloading %s failed: %s", model, exc)
+            ok = False
+        seconds = time.monotonic() - t0
+        self.restarts.append({"model": model, "reason": reason, "seconds": round(seconds, 3), "ok": ok})
+        if ok:
+            log.warning("supervisor: %s reloaded in %.2f s", model, seconds)
+        return ok
+
+    def _run(self) -> None:
+        last_canary, ready = time.monotonic(), True
+        while not self._stop.wait(self.interval):
+            broken = self.dead_instances()
+            if not broken and (not ready or time.monotonic() - last_canary >= self.canary_every):
+                last_canary = time.monotonic()
+                broken = self.canary()
+                if not broken and not ready:
+                    ready = True
+                    self.set_state("ready")
+                    log.warning("supervisor: every model answers again; ready")
+            if not broken or self._stop.is_set():
+                continue
+            ready = False
+            for model, why in sorted(broken.items()):
+                self.reload(model, why)
+            pid = self.server_pid()
+            self._expected = stub_instances(pid) if pid else {}
