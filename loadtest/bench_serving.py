@@ -379,13 +379,15 @@ def _count_ns(stats: dict, key: str) -> tuple[int, int]:
     return int(entry.get("count", 0)), int(entry.get("ns", 0))
 
 
-def model_stats(grpc_url: str) -> dict[str, dict[str, int]]:
-    """Cumulative per-model counters (summed over versions); int64 fields arrive as JSON strings."""
+def model_stats(grpc_url: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, int]]:
+    """Cumulative per-model counters (summed over versions); int64 fields arrive as JSON strings.
+
+    `headers`: the server's admin key (statistics are a restricted API: `TritonServer.admin_grpc_headers`)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
-        raw = client.get_inference_statistics(as_json=True, client_timeout=10.0)
+        raw = client.get_inference_statistics(as_json=True, client_timeout=10.0, headers=headers)
     finally:
         client.close()
     out: dict[str, dict[str, int]] = {}
@@ -778,24 +780,25 @@ class Bench:
         with TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           host=HOST, log_file=log, ready_timeout=300.0) as server:
             grpc_url, http_url = server.url("grpc"), server.url("http")
+            admin = server.admin_grpc_headers
             version = _server_version(http_url)
             for path in paths:
                 for c in args.concurrency:
                     name = f"{path.replace('/', '-')}-{precision}-c{c}"
                     if path == "ensemble/grpc":
                         self._perf_analyzer(grpc_url, c, args.warmup, name + "-warmup")
-                        before = model_stats(grpc_url)
+                        before = model_stats(grpc_url, admin)
                         cell = self._perf_analyzer(grpc_url, c, args.duration, name)
                     elif path == "ensemble/http":
                         self._wrk(http_url, c, args.warmup)
-                        before = model_stats(grpc_url)
+                        before = model_stats(grpc_url, admin)
                         cell = self._wrk(http_url, c, args.duration)
                     else:  # pipeline/grpc
                         snapshot: dict = {}
                         meter = OtherCpu()
 
                         def take(snapshot: dict = snapshot, url: str = grpc_url, meter: OtherCpu = meter) -> None:
-                            snapshot["before"] = model_stats(url)
+                            snapshot["before"] = model_stats(url, admin)
                             meter.start()
 
                         make = pipeline_call(grpc_url, "grpc", args.k, args.timeout)
@@ -803,7 +806,7 @@ class Bench:
                                            args.timeout + 5.0)
                         cell.other_cpu_pct = meter.stop()
                         before = snapshot.get("before", {})
-                    cell.models = stats_delta(before, model_stats(grpc_url))
+                    cell.models = stats_delta(before, model_stats(grpc_url, admin))
                     self._add(cell, path, precision)
         return version
 

@@ -308,7 +308,13 @@ class TritonServer:
 
     @property
     def admin_headers(self) -> dict[str, str]:
+        """HTTP headers of an admin call (model control, statistics, logging, shared memory, trace)."""
         return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """The same over gRPC (Triton prefixes the restricted key's metadata name)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
 
     @property
     def log_path(self) -> Path | None:
@@ -567,7 +573,11 @@ class TritonServer:
             # After a failure the temporary log outlives stop(): the error message points at it.
             log_inside = self._log_path is not None and self._log_path.is_relative_to(self._workdir)
             failed = proc.returncode not in (0, -signal.SIGINT)
-            shutil.rmtree(self._workdir / "backends" if log_inside and failed else self._workdir, ignore_errors=True)
+            if log_inside and failed:
+                for sub in ("backends", "frontdoor"):
+                    shutil.rmtree(self._workdir / sub, ignore_errors=True)
+            else:
+                shutil.rmtree(self._workdir, ignore_errors=True)
         return proc.returncode
 
     def _remove_shm(self) -> list[str]:

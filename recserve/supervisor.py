@@ -103,16 +103,21 @@ class Supervisor:
                  interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0):
         self.url = url.rstrip("/")
         self.server_pid = server_pid
-        self.set_state = set_state
+        self._publish = set_state
         self.admin = admin_headers
         self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
         self.canaries = Canaries(repository)
-        self.restarts: list[dict] = []          # {"model", "reason", "seconds"} per reload, for tests and logs
+        self.restarts: list[dict] = []          # {"model", "reason", "seconds", "ok"} per reload
+        self.history: list[tuple[float, str]] = []   # (time.monotonic(), state) each time readiness changes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._expected: dict[str, int] = {}
         self._generation = 0
         self._session = requests.Session()
+
+    def set_state(self, state: str) -> None:
+        self.history.append((time.monotonic(), state))
+        self._publish(state)
 
     def start(self) -> None:
         pid = self.server_pid()

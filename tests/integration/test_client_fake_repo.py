@@ -232,7 +232,7 @@ def expected(user_id: int, k: int, hour: int, weekday: int) -> tuple[list[int], 
 def server(tmp_path_factory: pytest.TempPathFactory):
     repository = write_fake_repository(tmp_path_factory.mktemp("fake_repo"))
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with TritonServer(repository, ready_timeout=90, **ports) as srv:
+    with TritonServer(repository, ready_timeout=90, verify=False, **ports) as srv:
         yield srv
 
 

@@ -80,7 +80,8 @@ def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
     client = grpcclient.InferenceServerClient(served.url("grpc"))
 
     def before(model):
-        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        admin = served.server.admin_grpc_headers     # statistics are an admin API (tests/reliability)
+        s = client.get_inference_statistics(model, as_json=True, headers=admin)["model_stats"][0]
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
     models = ("recommend",)      # the embedded flavor's one-process path
@@ -166,7 +167,9 @@ def test_server_refuses_an_index_built_from_another_item_tower(served, tmp_path)
     meta = json.loads(meta_path.read_text())
     meta["item_tower_sha256"] = "0" * 64          # as if the index came from another export
     meta_path.write_text(json.dumps(meta))
-    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "log.txt")
+    # verify=False: the manifest check would refuse this repository first (tests/reliability); this is the
+    # retrieval step's own check, for repositories served without verification
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "log.txt", verify=False)
     with pytest.raises(ServerError, match="retrieval"):
         with server:
             pass

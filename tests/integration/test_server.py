@@ -91,7 +91,7 @@ def identity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(identity_repo: Path):
-    with TritonServer(identity_repo, ready_timeout=60, **ports()) as srv:
+    with TritonServer(identity_repo, verify=False, ready_timeout=60, **ports()) as srv:
         yield srv
 
 
@@ -128,7 +128,7 @@ def test_taken_port_is_named_before_start(identity_repo: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = TritonServer(identity_repo, **{**ports(), "grpc_port": port})
+        server = TritonServer(identity_repo, verify=False, **{**ports(), "grpc_port": port})
         with pytest.raises(ServerError, match=rf"port {port} is already in use.*--grpc-port"):
             server.start()
         assert server.process is None
@@ -141,7 +141,7 @@ def test_taken_port_is_named_from_the_server_log(identity_repo: Path, monkeypatc
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = TritonServer(identity_repo, ready_timeout=60, **{**ports(), "http_port": port})
+        server = TritonServer(identity_repo, verify=False, ready_timeout=60, **{**ports(), "http_port": port})
         with pytest.raises(ServerError, match=rf"port {port} is already in use; pass --http-port"):
             with server:
                 pass
@@ -151,7 +151,7 @@ def test_taken_port_is_named_from_the_server_log(identity_repo: Path, monkeypatc
 
 def test_model_that_fails_to_initialize_is_named(tmp_path: Path) -> None:
     repository = write_model(tmp_path / "repo", "broken", BROKEN_PY)
-    server = TritonServer(repository, ready_timeout=60, **ports())
+    server = TritonServer(repository, ready_timeout=60, verify=False, **ports())
     with pytest.raises(ServerError, match=r"model 'broken' failed to load: .*boom: weights missing") as info:
         with server:
             pass
@@ -162,7 +162,7 @@ def test_model_that_fails_to_initialize_is_named(tmp_path: Path) -> None:
 
 
 def test_stop_leaves_no_process(identity_repo: Path) -> None:
-    server = TritonServer(identity_repo, ready_timeout=60, **ports())
+    server = TritonServer(identity_repo, verify=False, ready_timeout=60, **ports())
     with server:
         pid = server.process.pid
         assert server.is_alive
@@ -177,7 +177,7 @@ def test_serve_prints_one_ready_line_and_stops_on_sigterm(identity_repo: Path) -
     code = (
         "from recserve.server import serve; import sys; "
         f"sys.exit(serve({str(identity_repo)!r}, http_port={p['http_port']}, grpc_port={p['grpc_port']}, "
-        f"metrics_port={p['metrics_port']}, stream_log=False))"
+        f"metrics_port={p['metrics_port']}, stream_log=False, verify=False))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
