@@ -2,12 +2,14 @@
 
     python -m recserve.bench_index --items 1000000 --dim 64 --json work/bench_index.json --png work/bench_index.png
     python -m recserve.bench_index --vectors item_embeddings.npy --queries user_vectors.npy
+    python -m recserve.bench_index --artifacts work/ml100k      # a trained model's served vectors (`artifact_vectors`)
 
 What is measured, and how:
 * kinds: Flat (exact), IVF-Flat, IVF-PQ and HNSW-Flat, all METRIC_INNER_PRODUCT on L2-normalised vectors (= cosine,
   as the project serves). IVF: nlist = 4 sqrt(N), spherical k-means on `TRAIN_PER_CENTROID` sampled items per
   centroid, nprobe swept; IVF-PQ: the same nlist and training, pq_m = dim / 2 sub-quantisers of 8 bits, no refine;
-  HNSW: M = 32 links per node, efConstruction 40, efSearch swept (faiss searches with max(efSearch, k)).
+  HNSW: M = 32 links per node, efConstruction 40, efSearch swept from k up (faiss 1.15's HNSW returns at most about
+  efSearch results: a search for k > efSearch comes back short, padded with -1; so efSearch >= k always).
   A build's sweep stops at recall 0.995, on a recall plateau (< +0.001) or past the target and slower than exact.
 * queries: held-out user vectors (never catalogue items), searched in batches of `batch` (default 64, about what
   Triton's dynamic batcher forms; 0 = the whole set in one call), every kind with the same thread count
@@ -428,18 +430,51 @@ def _load(path: str | Path, what: str, emit: Callable[[str], Any]) -> np.ndarray
     return x
 
 
+def artifact_vectors(artifacts: str | Path, view: str = "serve") -> tuple[np.ndarray, np.ndarray]:
+    """(items, queries) of a trained model, as `recserve export repository` indexes and measures them: the blend item
+    matrix (`Blend.item_matrix` over the view's tables) and every user's blend vector through the served user graph
+    (`repository._user_queries`), users being held out from the items by construction. Not normalised: the
+    served index searches these inner products as they are."""
+    import tempfile
+
+    import onnx
+
+    from recserve.export import graphs
+    from recserve.serving.repository import RepoOptions, _graph_files, _user_queries
+    from recserve.sources import Blend, load_blend, load_view
+
+    artifacts = Path(artifacts)
+    files = _graph_files(artifacts, RepoOptions(view=view))
+    tables = graphs.serving_tables(artifacts, view)
+    src = load_view(artifacts, view)
+    items = Blend.item_matrix(tables.item_vec, src)
+    with tempfile.TemporaryDirectory() as tmp:
+        user_graph = graphs.save(graphs.user_graph(onnx.load(files["user_tower"]), tables), Path(tmp) / "user.onnx")
+        queries = _user_queries(user_graph, load_blend(artifacts), src, limit=len(tables.user_ids))
+    return _as_f32(items), _as_f32(queries)
+
+
 def run_bench(items: int | None = None, dim: int = 64, vectors: str | Path | None = None,
               queries: str | Path | None = None, n_queries: int = 2000, threads: int | None = None,
               target_recall: float = 0.95, k: int = 100, seed: int = 0, json_path: str | Path | None = None,
               png_path: str | Path | None = None, log: Callable[[str], Any] | None = print,
               kinds: tuple[str, ...] = KINDS, batch: int = 64, budget_s: float | None = None,
-              force: bool = True, repeats: int = 3, min_time_s: float = 0.5) -> dict:
+              force: bool = True, repeats: int = 3, min_time_s: float = 0.5,
+              artifacts: str | Path | None = None) -> dict:
     """The benchmark on `vectors` (.npy items) and `queries` (.npy held-out user vectors; without it, `n_queries`
-    seeded rows of `vectors` are held out as queries), or on `synthetic_catalogue(items, n_queries, dim, seed)`.
+    seeded rows of `vectors` are held out as queries), on a trained model's `artifacts` (`artifact_vectors`: blend
+    items, users as queries, not normalised), or on `synthetic_catalogue(items, n_queries, dim, seed)`.
     At most `n_queries` queries (a seeded subset). Writes `json_path` / `png_path` when given; returns the result."""
     emit = (lambda m: print(m, flush=True)) if log is print else (log or (lambda _m: None))
     rng = np.random.default_rng(seed)
-    if vectors is not None:
+    metric = None
+    if artifacts is not None:
+        X, Q = artifact_vectors(artifacts)
+        source = f"artifacts {artifacts}: blend item matrix, {len(Q)} users' blend vectors as queries"
+        metric = "inner product on the served blend vectors (not normalised)"
+        if len(Q) > n_queries:
+            Q = Q[np.sort(rng.choice(len(Q), n_queries, replace=False))]
+    elif vectors is not None:
         X = _load(vectors, "vectors", emit)
         if queries is not None:
             Q = _load(queries, "queries", emit)
@@ -460,6 +495,8 @@ def run_bench(items: int | None = None, dim: int = 64, vectors: str | Path | Non
     result = choose_index(X, Q, target_recall=target_recall, k=k, threads=threads, kinds=kinds, budget_s=budget_s,
                           force=force, batch=batch, repeats=repeats, min_time_s=min_time_s, seed=seed, log=emit)
     result["vectors"] = source
+    if metric:
+        result["metric"] = metric
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -476,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=64, help="synthetic vector dimension")
     p.add_argument("--vectors", default=None, help="item vectors .npy (instead of synthetic ones)")
     p.add_argument("--queries", default=None, help="held-out user vectors .npy, with --vectors")
+    p.add_argument("--artifacts", default=None, help="a trained model's blend items and user queries (export onnx'd)")
     p.add_argument("--n-queries", type=int, default=2000, help="queries measured (exact truth on all of them)")
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads, every kind (default: all cores)")
     p.add_argument("--target-recall", type=float, default=0.95)
@@ -496,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
     return run_bench(items=a.items, dim=a.dim, vectors=a.vectors, queries=a.queries, n_queries=a.n_queries,
                      threads=a.threads, target_recall=a.target_recall, k=a.k, seed=a.seed, json_path=a.json_path,
                      png_path=a.png_path, kinds=kinds, batch=a.batch, budget_s=a.budget_s, repeats=a.repeats,
-                     min_time_s=a.min_time_s)
+                     min_time_s=a.min_time_s, artifacts=a.artifacts)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,49 @@ def bench_int8_cmd(
     typer.echo(format_bench(bench_int8(artifacts, candidates=candidates, repeats=repeats)))
 
 
+@bench_app.command("index")
+@clean_errors
+def bench_index_cmd(
+    items: int | None = typer.Option(None, help="Synthetic catalogue size (default 200000)."),
+    dim: int = typer.Option(64, help="Synthetic vector dimension."),
+    vectors: Path | None = typer.Option(None, help="Item vectors .npy instead of synthetic ones."),
+    queries: Path | None = typer.Option(None, help="Held-out user vectors .npy, with --vectors."),
+    artifacts: Path | None = typer.Option(None, help="A trained, ONNX-exported model: its blend item vectors, "
+                                                     "its users' blend vectors as queries."),
+    n_queries: int = typer.Option(2000, help="Queries measured (exact truth on all of them)."),
+    threads: int | None = typer.Option(None, help="FAISS OpenMP threads, every kind (default: all cores)."),
+    target_recall: float = typer.Option(0.95, help="The choice: the fastest run with recall@k at least this."),
+    k: int = typer.Option(100, help="Results per query; recall@k against exact Flat."),
+    kinds: str = typer.Option("flat,ivf,ivfpq,hnsw", help="Comma-separated index kinds to measure."),
+    batch: int = typer.Option(64, help="Queries per search call (0: all at once)."),
+    budget_s: float | None = typer.Option(None, help="Start no build or sweep point after this many seconds."),
+    repeats: int = typer.Option(3, help="Timed passes per run, the best counts."),
+    min_time_s: float = typer.Option(0.5, help="Keep timing passes for at least this long."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the whole result as JSON here."),
+    png_path: Path | None = typer.Option(None, "--png", help="Plot recall against QPS here."),
+    seed: int = typer.Option(0, help="Seed of the synthetic vectors, the held-out queries and IVF training."),
+):
+    """FAISS Flat, IVF-Flat, IVF-PQ and HNSW: QPS, recall@k, memory, build time; the fastest at the target recall."""
+    from recserve import bench_index as bi
+
+    chosen_kinds = tuple(x.strip() for x in kinds.split(",") if x.strip())
+    bad = [x for x in chosen_kinds if x not in bi.KINDS]
+    if bad:
+        raise RecserveError(f"--kinds {','.join(bad)} not known: choose from {','.join(bi.KINDS)}")
+    if queries is not None and vectors is None:
+        raise RecserveError("--queries needs --vectors (the items they are searched in)")
+    if artifacts is not None and (vectors is not None or items is not None):
+        raise RecserveError("--artifacts brings its own vectors: drop --vectors / --items")
+    for path in (vectors, queries):
+        if path is not None and not path.is_file():
+            raise RecserveError(f"{path} does not exist")
+    # run_bench prints the vectors' source, the table (one line per run) and the `chosen:` line
+    bi.run_bench(items=items, dim=dim, vectors=vectors, queries=queries, artifacts=artifacts, n_queries=n_queries,
+                 threads=threads, target_recall=target_recall, k=k, seed=seed, json_path=json_path, png_path=png_path,
+                 kinds=chosen_kinds, batch=batch, budget_s=budget_s, repeats=repeats, min_time_s=min_time_s,
+                 log=typer.echo)
+
+
 @app.command()
 @clean_errors
 def serve(
@@ -220,9 +263,13 @@ def export_repository_cmd(
     precision: str = typer.Option("fp32", help="fp32 or int8 (int8 needs `export onnx --precision int8`)."),
     candidates: int = typer.Option(500, help="K: candidates retrieved per user and ranked."),
     k_max: int = typer.Option(100, "--k-max", help="The most items one response may carry (requests ask 1..k-max)."),
-    index: str = typer.Option("auto", help="auto (exact below 100k items, IVF above), flat, ivf or ivfpq."),
+    index: str = typer.Option("auto", help="auto (the fastest index with recall@100 >= 0.95 against exact, measured "
+                                           "on the real items and user queries; exact Flat below 20k items), flat, "
+                                           "ivf, ivfpq or hnsw."),
     nlist: int = typer.Option(0, help="IVF cells (0: 4*sqrt(items))."),
     nprobe: int = typer.Option(0, help="IVF cells searched per query (0: nlist/16, at least 8)."),
+    ef_search: int = typer.Option(0, "--ef-search", help="HNSW candidate list per query (0: 1.5 x the largest "
+                                                         "search, K + most items a user has seen; never below it)."),
     instances: int = typer.Option(1, help="Model instances per model."),
     ranker_threads: int = typer.Option(2, help="ONNX Runtime threads of the ranker instance (0: all cores)."),
     threads: int = typer.Option(1, help="Threads of the user and retrieval steps (user tower, FAISS)."),
@@ -232,14 +279,21 @@ def export_repository_cmd(
     from recserve.serving.repository import RepoOptions, write_repository
 
     m = write_repository(artifacts, repository, RepoOptions(
-        flavor=flavor, precision=precision, candidates=candidates, k_max=k_max, index=IndexSpec(index, nlist, nprobe),
-        instances=instances, ranker_threads=ranker_threads, step_threads=threads))
+        flavor=flavor, precision=precision, candidates=candidates, k_max=k_max,
+        index=IndexSpec(index, nlist, nprobe, efSearch=ef_search), instances=instances,
+        ranker_threads=ranker_threads, step_threads=threads))
     i = m["index"]
     if m["tensorrt"]["note"] and not m["tensorrt"]["engines"]:
         typer.echo(m["tensorrt"]["note"])
     typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {' -> '.join(m['path'])}, "
                f"K={m['candidates']}, k <= {m['k_max']}, index {i['spec']['kind']} "
                f"recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
+    if i.get("auto"):
+        a = i["auto"]
+        rk = f"recall@{a['k']}"
+        params = " ".join(f"{name}={value}" for name, value in a["params"].items()) or "-"
+        typer.echo(f"index auto: {a['kind']} {params}, {a['qps']:,.0f} QPS ({a['speedup_vs_exact']}x exact, "
+                   f"{a['threads']} threads), {rk} {a[rk]:.4f}: {a['reason']}")
 
 
 @app.command()

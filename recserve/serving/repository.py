@@ -29,12 +29,15 @@ from tritonclient.grpc import model_config_pb2
 
 from recserve.errors import ArtifactError
 from recserve.export import graphs
-from recserve.export.index import IndexSpec, build_index, describe, recall_vs_exact
+from recserve.export.index import KINDS as INDEX_KINDS
+from recserve.export.index import IndexSpec, auto_index, build_index, describe, recall_vs_exact
 from recserve.integrity import code_hashes, repository_hashes, sha256_of
 from recserve.serving import spec
 from recserve.sources import Blend, ViewSources, load_blend, load_view, save_sources
 
 README = Path(__file__).resolve().parents[2] / "model_repository" / "README.md"
+CHOOSE_QUERIES = 1000      # user queries `--index auto` chooses on and every index's recall is reported on
+AUTO_TARGET_RECALL = 0.95  # `--index auto`: the fastest index with recall@recall_k >= this
 SHIMS = {"retrieval": "retrieval:TritonPythonModel",
          "catalogue": "catalogue:TritonPythonModel", "ranker": "onnx_model:RankerStep",
          "item_tower": "onnx_model:OnnxStep"}
@@ -69,6 +72,8 @@ class RepoOptions:
                 raise ArtifactError(f"--{name} must be at least 1, got {value}")
         if self.view not in graphs.VIEWS:
             raise ArtifactError(f"view {self.view!r} is not known: choose {', '.join(graphs.VIEWS)}")
+        if self.index.kind not in ("auto", *INDEX_KINDS):
+            raise ArtifactError(f"--index {self.index.kind!r} is not known: choose auto, {', '.join(INDEX_KINDS)}")
 
     def sizes(self, meta: dict) -> dict[str, int]:
         """The spec's dimension symbols for these options and artifacts."""
@@ -139,8 +144,7 @@ def model_batch_size(name: str, flavor: str) -> int:
 
 def _dynamic_batching(batch: dict) -> dict:
     return {"max_queue_delay_microseconds": batch["delay_us"], "preferred_batch_size": batch["preferred"],
-            "default_queue_policy": {"max_queue_size": spec.QUEUE["max_queue_size"], "timeout_action": "REJECT",
-                                     "default_timeout_microseconds": spec.QUEUE["timeout_us"]}}
+            "default_queue_policy": {"max_queue_size": spec.QUEUE["max_queue_size"]}}
 
 
 def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
@@ -218,7 +222,8 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         items = Blend.item_matrix(tables.item_vec, view)
         np.save(retrieval / "blend_items.npy", items)
         queries = _user_queries(retrieval / "user_tower.onnx", blend, view)
-        index_info = _write_index(retrieval, items, opts, queries)
+        fetch_k = min(len(items), sizes["K"] + int(np.diff(tables.seen_indptr).max(initial=0)))
+        index_info = _write_index(retrieval, items, opts, queries, fetch_k)
         np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
         squeeze = {"item_tower": ("item_idx", "item_year")}
         n_users, n_items = str(len(tables.user_ids)), str(len(tables.item_ids))
@@ -285,19 +290,35 @@ def _user_queries(user_graph: Path, blend: Blend, view: ViewSources, limit: int 
     return blend.query(user_vec, view.als_user[users])
 
 
-def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray) -> dict:
-    """The inner-product index over the items' blend vectors (`recserve.sources.Blend.item_matrix`)."""
+def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray, fetch_k: int = 0) -> dict:
+    """The inner-product index over the items' blend vectors (`recserve.sources.Blend.item_matrix`).
+
+    `--index auto` measures exact and approximate indexes on the first `CHOOSE_QUERIES` user queries (held out: users,
+    never items) and builds the fastest with recall@recall_k >= `AUTO_TARGET_RECALL` (`recserve.export.index.
+    auto_index`; exact Flat below `recserve.bench_index.EXACT_BELOW` items). `recall_vs_exact` is recall@recall_k of
+    the index as served on those same queries, for every kind; approximate kinds also get their recall at `fetch_k`
+    (K + the most items one user has seen: the largest search the retrieval step makes)."""
     import faiss
 
-    index, resolved = build_index(items, opts.index)
+    held = queries[:CHOOSE_QUERIES]
+    chosen = None
+    if opts.index.kind == "auto":
+        index, resolved, chosen = auto_index(items, held, k=opts.recall_k, target_recall=AUTO_TARGET_RECALL,
+                                             fetch_k=fetch_k, threads=opts.step_threads or None)
+    else:
+        index, resolved = build_index(items, opts.index, fetch_k=fetch_k)
     faiss.write_index(index, str(dest / "index.faiss"))
-    recall = recall_vs_exact(index, items, queries, opts.recall_k)
+    recall = recall_vs_exact(index, items, held, opts.recall_k)
     info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(items.shape[1]),
             "metric": "inner_product", "candidates": opts.candidates,
             "recall_k": min(opts.recall_k, len(items)), "recall_vs_exact": round(recall, 5),
-            "queries": int(len(queries)),
-            "item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),
-            "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"}
+            "queries": int(len(held)), "fetch_k": int(fetch_k)}
+    if resolved.kind != "flat" and fetch_k:
+        info["recall_at_fetch_k"] = round(recall_vs_exact(index, items, held, fetch_k), 5)
+    if chosen is not None:
+        info["auto"] = chosen
+    info.update({"item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),
+                 "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"})
     (dest / "index.json").write_text(json.dumps(info, indent=2))
     return info
 

@@ -75,10 +75,12 @@ BATCHING = {
     "user": {"max_batch_size": 64, "preferred": [8, 16], "delay_us": 50},
     "candidate": {"max_batch_size": 16, "preferred": [4, 8], "delay_us": 50},
 }
-# Load shedding on the request path: a request that finds this many requests queued ahead of it, or that waited
-# this long, is refused at once with UNAVAILABLE (HTTP 503) instead of queueing without bound; the client retries
-# with backoff within its deadline. 64 queued at ~1,000 req/s is ~60 ms of wait (README "Reliability").
-QUEUE = {"max_queue_size": 64, "timeout_us": 250_000}
+# Load shedding on the request path: a request that finds this many requests queued ahead of it is refused at
+# once with UNAVAILABLE (HTTP 503) instead of queueing without bound; the client retries with backoff within its
+# deadline. 64 queued at ~1,000 req/s is ~60 ms of wait (README "Reliability"). No queue timeout: with
+# default_timeout_microseconds > 0 Triton's dynamic batcher stalls (measured here: requests held 250-500 ms at
+# concurrency 8, then "Request timeout expired"; triton-inference-server/server#8870).
+QUEUE = {"max_queue_size": 64}
 # The widest a variable dimension (-1) of a request may be: titles for a page of results, not the catalogue.
 MAX_WIDTH = 1_000
 

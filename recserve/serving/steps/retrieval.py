@@ -94,9 +94,13 @@ class Retriever:
             faiss.omp_set_num_threads(threads)   # OpenMP threads spin; several processes share the cores
         self.meta = json.loads((version_dir / "index.json").read_text())
         index = faiss.read_index(str(version_dir / "index.faiss"))
+        kind = self.meta["spec"]["kind"]
         if self.meta["spec"].get("nprobe"):
             faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", self.meta["spec"]["nprobe"]))
-        self.index, (self.device, self._gpu_res) = place_index(index, params.get("device", "auto") != "cpu")
+        if kind == "hnsw":   # covers the largest search (K + most seen): faiss's HNSW returns <= ~efSearch results
+            index.hnsw.efSearch = int(params.get("efSearch", self.meta["spec"]["efSearch"]))
+        self.index, (self.device, self._gpu_res) = place_index(   # GPU FAISS cannot clone IndexHNSWFlat: CPU
+            index, params.get("device", "auto") != "cpu" and kind != "hnsw")
         with np.load(version_dir / "seen.npz") as z:
             self.seen = Seen(z["indptr"], z["items"])
         with np.load(version_dir / "users.npz") as z:

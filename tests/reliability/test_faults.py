@@ -1,0 +1,198 @@
+"""Faults: a killed step heals, a killed server or wrapper leaves nothing behind, SIGTERM under load drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from guarded import ServeProcess, long_run, record, still_serving
+from load import recommend_body, run_load
+
+from recserve.supervisor import stub_instances
+
+READY_WITHIN_S = 10.0
+
+
+def _poll_ready(url: str, stop: threading.Event, seen: list[int]) -> None:
+    session = requests.Session()
+    while not stop.is_set():
+        try:
+            seen.append(session.get(url, timeout=2).status_code)
+        except requests.RequestException:
+            seen.append(0)
+        time.sleep(0.005)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("model", ["recommend", "ranker"])
+def test_a_killed_step_is_reloaded_within_seconds_and_readiness_says_not_ready_meanwhile(served, expected, users,
+                                                                                         model, request):
+    sup = served.server.supervisor
+    assert sup is not None, "the guarded server runs a supervisor"
+    pid = served.server.process.pid
+    victim = stub_instances(pid)[f"{model}_0_0"]
+    restarts_before = len(sup.restarts)
+    ready_url = f"http://{served.url('http')}/v2/health/ready"
+    stop, seen = threading.Event(), []
+    poller = threading.Thread(target=_poll_ready, args=(ready_url, stop, seen))
+    load: dict = {}
+    seconds = 20.0 if long_run(request) else 5.0
+    loader = threading.Thread(target=lambda: load.setdefault("r", run_load(
+        "127.0.0.1", served.http_port, 4, seconds, [recommend_body(u) for u in users])))
+    poller.start()
+    loader.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while len(sup.restarts) == restarts_before or sup.history[-1][1] != "ready":
+        assert time.monotonic() - t0 < READY_WITHIN_S, f"{model} not restored: {sup.history[-3:]}"
+        time.sleep(0.01)
+    healed = sup.history[-1][0] - t0
+    time.sleep(0.3)
+    stop.set()
+    poller.join()
+    loader.join()
+    restart = sup.restarts[-1]
+    assert restart["model"] == model and restart["ok"], sup.restarts
+    assert any(state.startswith(f"restoring {model}") for _, state in sup.history), sup.history
+    assert 503 in seen, "readiness never said not ready while the model was restored"
+    assert seen[-1] == 200
+    r = load["r"]
+    record(f"stub kill ({model})", ready_again_s=round(healed, 2), reload_s=restart["seconds"],
+           requests=r.total, failed=r.total - r.count(200), readiness_503_polls=seen.count(503))
+    assert set(r.statuses) <= {200, 500, 503}, r.summary()
+    still_serving(served, expected)
+
+
+def _shm(prefix: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def _tmpdirs() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("recserve-triton-*")}
+
+
+@pytest.fixture
+def repository(served) -> Path:
+    return served.repository
+
+
+@pytest.mark.long
+def test_sigterm_under_load_drains_exits_0_and_leaves_no_shared_memory(repository, tmp_path, request):
+    before = _tmpdirs()
+    srv = ServeProcess(repository, tmp_path / "serve.log")
+    srv.wait_ready()
+    triton = srv.triton_pid()
+    assert triton and _shm(f"recserve_{srv.proc.pid}_"), "the python backend's regions carry the server's prefix"
+    load: dict = {}
+    seconds = 8.0
+    bodies = [recommend_body(u) for u in range(1, 50)]
+    loader = threading.Thread(target=lambda: load.setdefault("r", run_load("127.0.0.1", srv.http, 64, seconds,
+                                                                           bodies)))
+    loader.start()
+    time.sleep(3.0)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(30)
+    took = time.monotonic() - t0
+    loader.join()
+    r = load["r"]
+    left = _shm(f"recserve_{srv.proc.pid}_")
+    record("sigterm under load", exit_code=code, exit_s=round(took, 2), answered=r.count(200),
+           statuses=dict(r.statuses), leaked_shm=len(left))
+    assert code == 0, srv.log.read_text()[-3000:]
+    assert took <= 10.0
+    assert not left, left
+    assert not srv.tree(triton), "processes outlived the server"
+    assert _tmpdirs() <= before, "the temporary backend directory was left behind"
+    assert r.count(200) > 0 and not r.count(500), r.summary()
+
+
+def test_a_killed_server_stops_the_wrapper_with_the_real_cause_and_no_orphans(repository, tmp_path):
+    srv = ServeProcess(repository, tmp_path / "serve.log")
+    srv.wait_ready()
+    triton = srv.triton_pid()
+    os.kill(triton, signal.SIGKILL)
+    code = srv.proc.wait(30)
+    text = srv.log.read_text()
+    last = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 1 and last, text[-2000:]
+    assert "killed by signal 9 (SIGKILL)" in last[-1], last[-1]
+    assert "cuda" not in last[-1].lower()
+    deadline = time.monotonic() + 10
+    while srv.tree(triton) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not srv.tree(triton), "stubs or nginx outlived the server"
+    assert not _shm(f"recserve_{srv.proc.pid}_")
+
+
+def test_killing_the_wrapper_with_sigkill_leaves_no_orphan_serving(repository, tmp_path):
+    srv = ServeProcess(repository, tmp_path / "serve.log")
+    srv.wait_ready()
+    triton = srv.triton_pid()
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    t0 = time.monotonic()
+    while srv.tree(triton) and time.monotonic() - t0 < 15:
+        time.sleep(0.1)
+    record("wrapper kill -9", orphans_gone_s=round(time.monotonic() - t0, 2))
+    assert not srv.tree(triton), "tritonserver, its stubs or nginx kept running after the wrapper died"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{srv.http}/v2/health/ready", timeout=2)
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _server_pids(served) -> list[int]:
+    pid = served.server.process.pid
+    pids = [pid, *stub_instances(pid).values()]
+    door = served.server.front_door.proc.pid
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == door:
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return [*pids, door]
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("backoff", [True, False], ids=["clients back off", "clients hammer"])
+def test_overload_of_1024_connections_is_shed_with_503_and_memory_stays_bounded(served, expected, users, backoff,
+                                                                               request):
+    pids = _server_pids(served)
+    rss_before = _rss_mb(pids)
+    seconds = 30.0 if long_run(request) else 6.0
+    r = run_load("127.0.0.1", served.http_port, 1024, seconds, [recommend_body(u) for u in users], backoff=backoff)
+    rss_after = _rss_mb(pids)
+    figures = {"connections": 1024, "seconds": seconds, "answered": r.count(200), "shed": r.count(503),
+               "answered_rps": round(r.count(200) / r.seconds), "answered_p50_ms": round(r.p(200, 50), 1),
+               "answered_p99_ms": round(r.p(200, 99), 1), "shed_p50_ms": round(r.p(503, 50), 2),
+               "shed_p99_ms": round(r.p(503, 99), 1), "connection_errors": sum(r.errors.values()),
+               "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after)}
+    record(f"overload ({'backoff' if backoff else 'hammer'})", **figures)
+    assert set(r.statuses) <= {200, 503}, r.summary()
+    assert r.count(200) > 0 and r.count(503) > 0, r.summary()
+    shed = r.bodies[503].decode()
+    assert "overloaded" in shed or "queue" in shed, shed
+    assert not r.errors, r.errors
+    assert rss_after < rss_before + 300, figures
+    still_serving(served, expected)
