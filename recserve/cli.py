@@ -237,13 +237,15 @@ def serve(
     no_front_door: bool = typer.Option(False, "--no-front-door",
                                        help="Expose Triton's own HTTP port, without the nginx front door (unsafe)."),
     drain_timeout: float = typer.Option(5.0, help="Seconds a stop (SIGTERM, Ctrl-C) waits for requests in flight."),
+    access_log: Path | None = typer.Option(None, help="Front door access log: status, seconds, upstream s, path."),
 ):
     """Start the real tritonserver on a model repository, behind the front door; SIGTERM or Ctrl-C drains and stops."""
     from recserve.server import serve as run_server
 
     sys.exit(run_server(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                         host=host, log_verbose=log_verbose, verify=not no_verify,
-                        front_door=False if no_front_door else None, drain_timeout=drain_timeout))
+                        front_door=False if no_front_door else None, drain_timeout=drain_timeout,
+                        access_log=access_log))
 
 
 from recserve.client.cli import recommend_command  # noqa: E402

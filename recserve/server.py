@@ -226,6 +226,7 @@ class TritonServer:
             a recserve repository (it has a manifest).
         supervise: reload models whose stub died or stopped answering; ``None``: with the front door.
         drain_timeout: seconds a stop waits for the requests in flight.
+        access_log: the front door's access log (status, seconds, upstream seconds, path per request); off when None.
     """
 
     def __init__(
@@ -244,6 +245,7 @@ class TritonServer:
         front_door: bool | None = None,
         supervise: bool | None = None,
         drain_timeout: float = 5.0,
+        access_log: str | os.PathLike[str] | None = None,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}.")
@@ -276,6 +278,7 @@ class TritonServer:
         self.supervise = (self.front_door_enabled and model_control_mode == "explicit") if supervise is None \
             else supervise
         self.drain_timeout = drain_timeout
+        self.access_log = Path(access_log).resolve() if access_log else None
         self.admin_key = secrets.token_hex(16)
         self.shm_prefix = f"recserve_{os.getpid()}_{secrets.token_hex(4)}_"
         self.triton_http_port = http_port
@@ -497,7 +500,7 @@ class TritonServer:
 
         assert self._workdir is not None
         self.front_door = FrontDoor(self._workdir / "frontdoor", self.host, self.http_port, self.triton_http_port,
-                                    contract(self.repository))
+                                    contract(self.repository), access_log=self.access_log)
         nginx_log = open(self._workdir / "nginx.log", "w")  # noqa: SIM115 - nginx holds it until it exits
         try:
             proc = self.front_door.start(nginx_log, preexec_fn=_die_with_parent(signal.SIGTERM))
@@ -615,6 +618,7 @@ def serve(
     verify: bool = True,
     front_door: bool | None = None,
     drain_timeout: float = 5.0,
+    access_log: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run Triton in the foreground until Ctrl-C or SIGTERM (the ``recserve serve`` command).
 
@@ -641,6 +645,7 @@ def serve(
         verify=verify,
         front_door=front_door,
         drain_timeout=drain_timeout,
+        access_log=access_log,
     )
 
     def _on_sigterm(signum: int, frame: object) -> None:

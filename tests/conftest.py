@@ -103,7 +103,9 @@ def served(artifacts, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repo") / "model_repository"
     manifest = write_repository(artifacts, repository, RepoOptions(candidates=CANDIDATES))
     http, grpc, metrics = free_port(), free_port(), free_port()
-    server = TritonServer(repository, http, grpc, metrics, log_file=tmp_path_factory.mktemp("log") / "triton.log")
+    logs = tmp_path_factory.mktemp("log")
+    server = TritonServer(repository, http, grpc, metrics, log_file=logs / "triton.log",
+                          access_log=logs / "frontdoor.log")
     server.start()
     try:
         server.wait_ready(timeout=120)

@@ -91,8 +91,11 @@ def find_nginx() -> Path:
 
 
 def nginx_conf(workdir: Path, host: str, port: int, upstream_port: int, contract_: dict,
-               max_inflight: int = MAX_INFLIGHT, user: str | None = None) -> str:
-    """The nginx configuration: one worker, per-model body limits, the Lua checks, JSON errors."""
+               max_inflight: int = MAX_INFLIGHT, user: str | None = None, access_log: Path | None = None) -> str:
+    """The nginx configuration: one worker, per-model body limits, the Lua checks, JSON errors.
+
+    `access_log`: one line per request, `status request_time_s upstream_time_s path` (buffered, flushed each
+    second), for measuring what the front door answered and how fast; off by default."""
     lua_dir = Path(__file__).parent
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     per_model = []
@@ -117,7 +120,8 @@ pid {workdir / "nginx.pid"};
 error_log stderr error;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  log_format timing '$status $request_time $upstream_response_time $uri';
+  {f"access_log {access_log} timing buffer=256k flush=1s;" if access_log else "access_log off;"}
   server_tokens off;
   {temp}
   lua_package_path "{lua_dir}/?.lua;;";
@@ -214,8 +218,9 @@ class FrontDoor:
     """One nginx master (and its worker) for one Triton server. The caller owns the process lifetime."""
 
     def __init__(self, workdir: Path, host: str, port: int, upstream_port: int, contract_: dict,
-                 max_inflight: int = MAX_INFLIGHT):
+                 max_inflight: int = MAX_INFLIGHT, access_log: Path | None = None):
         self.workdir = Path(workdir)
+        self.access_log = access_log
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.contract = contract_
         self.max_inflight = max_inflight
@@ -234,8 +239,11 @@ class FrontDoor:
             os.chmod(self.workdir, 0o711)
             os.chmod(self.workdir.parent, 0o711)
         conf = self.workdir / "nginx.conf"
+        if self.access_log is not None and user:
+            Path(self.access_log).touch()
+            os.chmod(self.access_log, 0o666)   # the worker (nobody) writes it
         conf.write_text(nginx_conf(self.workdir, self.host, self.port, self.upstream_port, self.contract,
-                                   self.max_inflight, user))
+                                   self.max_inflight, user, self.access_log))
         test = subprocess.run([str(binary), "-t", "-q", "-p", str(self.workdir), "-c", str(conf)],
                               capture_output=True, text=True)
         if test.returncode != 0:
