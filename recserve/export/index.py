@@ -3,8 +3,9 @@
 Every index uses inner product (METRIC_INNER_PRODUCT) over the blend vectors (`recserve.sources.Blend`).
 - auto: `recserve.bench_index.choose_index` on the real items and held-out user queries picks the fastest index
   with recall@100 >= 0.95 against exact search (`auto_index`); under `bench_index.EXACT_BELOW` items that is exact
-  Flat without an ANN sweep. Without queries (`build_index` alone) auto falls back on a size rule: exact below
-  `EXACT_MAX_ITEMS`, IVF above;
+  Flat without an ANN sweep. The served search asks for fetch_k results (K + the most items a user has seen), so the
+  chosen nprobe / efSearch is then raised until recall@fetch_k reaches the target too. Without queries
+  (`build_index` alone) auto falls back on a size rule: exact below `EXACT_MAX_ITEMS`, IVF above;
 - flat: IndexFlatIP, exact;
 - ivf / ivfpq: IndexIVFFlat / IndexIVFPQ, nlist ~ 4 sqrt(N), nprobe configurable;
 - hnsw: IndexHNSWFlat, M links per node; efSearch is raised to cover the served search (`resolved(fetch_k=...)`):
@@ -110,7 +111,7 @@ def auto_index(vectors: np.ndarray, queries: np.ndarray, k: int = DEFAULT_K, tar
     module doc), then IVF's nprobe / HNSW's efSearch are raised until recall@fetch_k reaches the target as well
     (`_cover_fetch`). `choose` goes to `choose_index` (sweeps, kinds, timing, budget_s, ...).
     The report holds the choice: kind, params (as measured), qps, recall@k, speedup over exact, reason, and under
-    "served" the parameters as served with their recall@fetch_k."""
+    "served" the parameters as served with their recall@fetch_k and QPS at fetch_k (exact's too)."""
     from recserve import bench_index as bi
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -132,34 +133,43 @@ def auto_index(vectors: np.ndarray, queries: np.ndarray, k: int = DEFAULT_K, tar
               "threads": result["threads"], "batch": result["batch"], "queries": result["queries"],
               "runs": len(result["runs"]), "elapsed_s": result["elapsed_s"]}
     if spec.kind != "flat" and fetch_k > result["k"]:
-        spec, report["served"] = _cover_fetch(index, spec, vectors, queries, fetch_k, target_recall)
+        spec, report["served"] = _cover_fetch(index, spec, vectors, queries, fetch_k, target_recall,
+                                              result["threads"], choose.get("batch", 64))
     return index, spec, report
 
 
 def _cover_fetch(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, queries: np.ndarray, fetch_k: int,
-                 target_recall: float, max_steps: int = 8) -> tuple[IndexSpec, dict]:
+                 target_recall: float, threads: int, batch: int, max_steps: int = 8) -> tuple[IndexSpec, dict]:
     """Raise the search parameter (IVF nprobe x2, HNSW efSearch x1.5) until recall@fetch_k reaches the target too:
     the served search asks fetch_k results, and a setting measured at k loses recall at several times k (HNSW at
     efSearch = k: ~0.96 at k = 100, ~0.95 at 400). Stops at the target, on a plateau or at the largest setting.
-    (spec as set on `index`, {"fetch_k", "params", "recall@fetch_k", "raised"})."""
+    (spec as set on `index`, {"fetch_k", "params", "recall@fetch_k", "raised", "qps", "exact_qps"}), the QPS of
+    the served setting and of exact search at fetch_k (best of 3 passes, `threads` threads, batches of `batch`)."""
     from recserve import bench_index as bi
 
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    _, truth = exact.search(q, fetch_k)
-    del exact
-    field_, top = ("efSearch", len(vectors)) if spec.kind == "hnsw" else ("nprobe", spec.nlist)
-    steps, prev = 0, -1.0
-    while True:
-        recall = bi.recall_at_k(index.search(q, fetch_k)[1], truth)
-        value = getattr(spec, field_)
-        if recall >= target_recall or value >= top or recall - prev < bi.PLATEAU or steps >= max_steps:
-            break
-        setattr(spec, field_, min(top, math.ceil(value * 1.5) if spec.kind == "hnsw" else 2 * value))
-        bi.set_search_params(index, spec.kind, spec.params())
-        steps, prev = steps + 1, recall
-    return spec, {"fetch_k": fetch_k, "params": spec.params(), "recall@fetch_k": round(recall, 5), "raised": steps}
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        exact = faiss.IndexFlatIP(vectors.shape[1])
+        exact.add(vectors)
+        exact_qps, _, truth = bi.timed_search(exact, q, fetch_k, batch, repeats=3, min_time_s=0.0)
+        del exact
+        field_, top = ("efSearch", len(vectors)) if spec.kind == "hnsw" else ("nprobe", spec.nlist)
+        steps, prev = 0, -1.0
+        while True:
+            recall = bi.recall_at_k(index.search(q, fetch_k)[1], truth)
+            value = getattr(spec, field_)
+            if recall >= target_recall or value >= top or recall - prev < bi.PLATEAU or steps >= max_steps:
+                break
+            setattr(spec, field_, min(top, math.ceil(value * 1.5) if spec.kind == "hnsw" else 2 * value))
+            bi.set_search_params(index, spec.kind, spec.params())
+            steps, prev = steps + 1, recall
+        qps = bi.timed_search(index, q, fetch_k, batch, repeats=3, min_time_s=0.0)[0]
+    finally:
+        faiss.omp_set_num_threads(before)
+    return spec, {"fetch_k": fetch_k, "params": spec.params(), "recall@fetch_k": round(recall, 5), "raised": steps,
+                  "qps": round(qps, 1), "exact_qps": round(exact_qps, 1)}
 
 
 def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
