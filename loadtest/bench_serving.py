@@ -768,7 +768,7 @@ class Bench:
 
     def triton(self, repository: Path, precision: str, paths: list[str]) -> str | None:
         """The Triton rows of one repository; returns the server's version."""
-        from recserve.server import TritonServer, free_port
+        from recserve.server import RESTRICTED, TritonServer, free_port
 
         args = self.args
         ports: set[int] = set()
@@ -777,8 +777,10 @@ class Bench:
         http_port, grpc_port, metrics_port = sorted(ports)
         log = self.folder / f"tritonserver-{precision}.log"
         print(f"starting tritonserver on {repository} (log {log})", file=sys.stderr, flush=True)
+        # statistics stay open here: perf_analyzer reads them over gRPC and cannot send the admin key
+        restricted = ",".join(a for a in RESTRICTED.split(",") if a != "statistics")
         with TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          host=HOST, log_file=log, ready_timeout=300.0) as server:
+                          host=HOST, log_file=log, ready_timeout=300.0, restricted=restricted) as server:
             grpc_url, http_url = server.url("grpc"), server.url("http")
             admin = server.admin_grpc_headers
             version = _server_version(http_url)

@@ -227,6 +227,8 @@ class TritonServer:
         supervise: reload models whose stub died or stopped answering; ``None``: with the front door.
         drain_timeout: seconds a stop waits for the requests in flight.
         access_log: the front door's access log (status, seconds, upstream seconds, path per request); off when None.
+        restricted: Triton APIs that need the admin key (`RESTRICTED`); a benchmark may open `statistics`, which
+            perf_analyzer reads over gRPC and cannot send a key for.
     """
 
     def __init__(
@@ -246,6 +248,7 @@ class TritonServer:
         supervise: bool | None = None,
         drain_timeout: float = 5.0,
         access_log: str | os.PathLike[str] | None = None,
+        restricted: str = RESTRICTED,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}.")
@@ -279,9 +282,11 @@ class TritonServer:
             else supervise
         self.drain_timeout = drain_timeout
         self.access_log = Path(access_log).resolve() if access_log else None
+        self.restricted = restricted
         self.admin_key = secrets.token_hex(16)
         self.shm_prefix = f"recserve_{os.getpid()}_{secrets.token_hex(4)}_"
         self.triton_http_port = http_port
+        self.triton_grpc_port = grpc_port
         self.front_door = None
         self.supervisor = None
         self.leaked_shm: list[str] = []
@@ -313,6 +318,11 @@ class TritonServer:
     def admin_headers(self) -> dict[str, str]:
         """HTTP headers of an admin call (model control, statistics, logging, shared memory, trace)."""
         return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def admin_grpc_url(self) -> str:
+        """Triton's own gRPC address (internal when the front door is on); admin calls need `admin_grpc_headers`."""
+        return f"127.0.0.1:{self.triton_grpc_port}" if self.front_door_enabled else self.url("grpc")
 
     @property
     def admin_grpc_headers(self) -> dict[str, str]:
@@ -354,14 +364,15 @@ class TritonServer:
             "--disable-auto-complete-config",
             *(("--http-address=127.0.0.1", f"--http-port={self.triton_http_port}") if self.front_door_enabled
               else (f"--http-address={self.host}", f"--http-port={self.http_port}")),
-            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
-            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            *((f"--http-restricted-api={self.restricted}:{ADMIN_HEADER}={self.admin_key}",
+               f"--grpc-restricted-protocol={self.restricted}:{ADMIN_HEADER}={self.admin_key}") if self.restricted
+              else ()),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--exit-timeout-secs={max(1, int(self.drain_timeout))}",
             *(("--load-model=*",) if self.model_control_mode == "explicit"
               and not any(a.startswith("--load-model") for a in self.extra_args) else ()),
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
+            *(("--grpc-address=127.0.0.1", f"--grpc-port={self.triton_grpc_port}") if self.front_door_enabled
+              else (f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}")),
             "--allow-metrics=true",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
@@ -394,7 +405,7 @@ class TritonServer:
             from recserve.serving.frontdoor import find_nginx
 
             find_nginx()                      # says how to install it before anything starts
-            self.triton_http_port = free_port()
+            self.triton_http_port, self.triton_grpc_port = free_port(), free_port()
         self._workdir = Path(tempfile.mkdtemp(prefix="recserve-triton-"))
         backend_dir = prepare_backend_dir(self._workdir / "backends")
         if self._log_path is None:
@@ -500,7 +511,9 @@ class TritonServer:
 
         assert self._workdir is not None
         self.front_door = FrontDoor(self._workdir / "frontdoor", self.host, self.http_port, self.triton_http_port,
-                                    contract(self.repository), access_log=self.access_log)
+                                    contract(self.repository), access_log=self.access_log,
+                                    grpc=(self.grpc_port, self.triton_grpc_port),
+                                    grpc_statistics="statistics" not in self.restricted.split(","))
         nginx_log = open(self._workdir / "nginx.log", "w")  # noqa: SIM115 - nginx holds it until it exits
         try:
             proc = self.front_door.start(nginx_log, preexec_fn=_die_with_parent(signal.SIGTERM))

@@ -14,7 +14,10 @@ in front of such a server; with lua-nginx-module it checks each inference body a
 - `/v2/health/ready` answers 503 while the supervisor restores a model or the server drains (shared state set
   through a unix socket only the server's owner can reach).
 
-gRPC goes to Triton directly (its protobuf frontend checks sizes against shapes); its admin APIs need the key.
+gRPC goes through nginx too (HTTP/2, `grpc_pass`): only the inference, health and metadata methods are routed
+(PERMISSION_DENIED otherwise), bodies are bounded by the largest valid request, requests in flight are bounded
+like HTTP's (UNAVAILABLE beyond), and Triton's protobuf frontend checks sizes against shapes. gRPC carries the
+model name inside the message, so every model's inference is reachable there; each model checks its inputs.
 """
 
 from __future__ import annotations
@@ -93,8 +96,46 @@ def find_nginx() -> Path:
     return Path(binary)  # type: ignore[arg-type]
 
 
+GRPC_METHODS = ("ModelInfer", "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                "ModelConfig")
+
+
+GRPC_ERRORS = (("g403", 7, "this method is not public on the front door"),
+               ("g413", 8, "request too large for any served model"),
+               ("g502", 14, "the inference server is not answering; retry shortly"),
+               ("g503", 14, "overloaded: too many requests in flight; retry with backoff"))
+
+
+def _grpc_error(name: str, code: int, message: str) -> str:
+    return (f"    location @{name} {{ default_type application/grpc; add_header grpc-status {code} always; "
+            f'add_header grpc-message "{message}" always; add_header content-length 0 always; return 204; }}\n')
+
+
+def _grpc_server(listen: str, upstream_port: int, max_body: int, max_inflight: int, statistics: bool) -> str:
+    methods = "|".join(GRPC_METHODS + (("ModelStatistics",) if statistics else ()))
+    return rf"""
+  upstream triton_grpc {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen {listen} http2 reuseport backlog=4096;
+    limit_conn inflight_grpc {max_inflight};
+    limit_conn_status 503;
+    client_max_body_size {max_body // 1024 + 1}k;
+    client_body_buffer_size {max_body // 1024 + 1}k;
+    grpc_read_timeout 30s;
+    location ~ ^/inference\.GRPCInferenceService/({methods})$ {{ grpc_pass grpc://triton_grpc; }}
+    location / {{ return 403; }}
+    # gRPC statuses in a trailers-only answer (nginx's documented pattern for gRPC error pages)
+    error_page 403 = @g403;
+    error_page 413 = @g413;
+    error_page 502 504 = @g502;
+    error_page 503 = @g503;
+{"".join(_grpc_error(name, code, message) for name, code, message in GRPC_ERRORS)}
+  }}"""
+
+
 def nginx_conf(workdir: Path, host: str, port: int, upstream_port: int, contract_: dict,
-               max_inflight: int = MAX_INFLIGHT, user: str | None = None, access_log: Path | None = None) -> str:
+               max_inflight: int = MAX_INFLIGHT, user: str | None = None, access_log: Path | None = None,
+               grpc: tuple[int, int] | None = None, grpc_statistics: bool = False) -> str:
     """The nginx configuration: one worker, per-model body limits, the Lua checks, JSON errors.
 
     `access_log`: one line per request, `status request_time_s upstream_time_s path` (buffered, flushed each
@@ -135,6 +176,7 @@ http {{
   }}
   upstream triton {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
   limit_conn_zone $server_port zone=inflight:1m;
+  limit_conn_zone $server_port zone=inflight_grpc:1m;
   client_header_timeout 5s;
   client_body_timeout 5s;
   send_timeout 10s;
@@ -147,21 +189,21 @@ http {{
   proxy_set_header Connection "";
   proxy_read_timeout 30s;
   proxy_buffering on;
-  # nginx's own errors as JSON, like Triton's
-  error_page 400 = @e400;
-  error_page 403 = @e403;
-  error_page 404 = @e404;
-  error_page 405 = @e405;
-  error_page 408 = @e408;
-  error_page 413 = @e413;
-  error_page 414 431 494 = @e414;
-  error_page 502 504 = @e502;
-  error_page 503 = @e503;
 
   server {{
     listen {listen} reuseport backlog=4096;
     limit_conn inflight {max_inflight};
     limit_conn_status 503;
+    # nginx's own errors as JSON, like Triton's
+    error_page 400 = @e400;
+    error_page 403 = @e403;
+    error_page 404 = @e404;
+    error_page 405 = @e405;
+    error_page 408 = @e408;
+    error_page 413 = @e413;
+    error_page 414 431 494 = @e414;
+    error_page 502 504 = @e502;
+    error_page 503 = @e503;
 
     location = /v2 {{ limit_except GET {{ deny all; }} proxy_pass http://triton; }}
     location = /v2/health/live {{ limit_except GET {{ deny all; }} proxy_pass http://triton; }}
@@ -198,6 +240,9 @@ http {{
     }}
   }}
 
+{_grpc_server(f"[{host}]:{grpc[0]}" if ":" in host else f"{host}:{grpc[0]}", grpc[1],
+              max(c["max_body"] for c in contract_["models"].values()), max_inflight, grpc_statistics)
+ if grpc else ""}
   server {{
     listen unix:{workdir / "control.sock"};
     location = /state {{ content_by_lua_block {{ frontdoor.set_state() }} }}
@@ -221,8 +266,10 @@ class FrontDoor:
     """One nginx master (and its worker) for one Triton server. The caller owns the process lifetime."""
 
     def __init__(self, workdir: Path, host: str, port: int, upstream_port: int, contract_: dict,
-                 max_inflight: int = MAX_INFLIGHT, access_log: Path | None = None):
+                 max_inflight: int = MAX_INFLIGHT, access_log: Path | None = None,
+                 grpc: tuple[int, int] | None = None, grpc_statistics: bool = False):
         self.workdir = Path(workdir)
+        self.grpc, self.grpc_statistics = grpc, grpc_statistics
         self.access_log = access_log
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.contract = contract_
@@ -246,7 +293,7 @@ class FrontDoor:
             Path(self.access_log).touch()
             os.chmod(self.access_log, 0o666)   # the worker (nobody) writes it
         conf.write_text(nginx_conf(self.workdir, self.host, self.port, self.upstream_port, self.contract,
-                                   self.max_inflight, user, self.access_log))
+                                   self.max_inflight, user, self.access_log, self.grpc, self.grpc_statistics))
         test = subprocess.run([str(binary), "-t", "-q", "-p", str(self.workdir), "-c", str(conf)],
                               capture_output=True, text=True)
         if test.returncode != 0:

@@ -143,8 +143,8 @@ def model_batch_size(name: str, flavor: str) -> int:
 
 
 def _dynamic_batching(batch: dict) -> dict:
-    return {"max_queue_delay_microseconds": batch["delay_us"], "preferred_batch_size": batch["preferred"],
-            "default_queue_policy": {"max_queue_size": spec.QUEUE["max_queue_size"]}}
+    # no default_queue_policy: it degrades Triton's batcher (spec.py says what was measured); the front door sheds
+    return {"max_queue_delay_microseconds": batch["delay_us"], "preferred_batch_size": batch["preferred"]}
 
 
 def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:

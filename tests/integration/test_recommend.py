@@ -77,7 +77,7 @@ def test_recommendations_exclude_items_the_user_already_has(served, reference):
 
 
 def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
-    client = grpcclient.InferenceServerClient(served.url("grpc"))
+    client = grpcclient.InferenceServerClient(served.server.admin_grpc_url)   # statistics: Triton's own port
 
     def before(model):
         admin = served.server.admin_grpc_headers     # statistics are an admin API (tests/reliability)

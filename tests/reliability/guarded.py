@@ -63,11 +63,16 @@ class ServeProcess:
             time.sleep(0.1)
 
     def triton_pid(self) -> int | None:
-        """The tritonserver of this wrapper (found by its gRPC port flag)."""
-        for pid, (_, cmd) in _processes().items():
-            if cmd.startswith(b"/") and b"tritonserver" in cmd.split(b"\0")[0] and \
-                    f"--grpc-port={self.grpc}".encode() in cmd:
-                return pid
+        """The tritonserver this wrapper started (its child)."""
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                    exe = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")[0]
+                except OSError:
+                    continue
+                if int(stat[1]) == self.proc.pid and exe.endswith(b"/tritonserver"):
+                    return int(entry.name)
         return None
 
     def tree(self, triton: int | None) -> list[int]:

@@ -235,9 +235,8 @@ def test_bad_grpc_input_gets_invalid_argument_naming_it_and_the_server_keeps_ans
     record("bad input", http_kinds=len(HTTP_CASES), grpc_kinds=len(cases))
 
 
-def test_admin_apis_over_grpc_need_the_admin_key(served):
-    stub = _grpc_stub(served)
-    calls = {
+def _admin_calls(stub):
+    return {
         "repository index": lambda md: stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), metadata=md),
         "model unload": lambda md: stub.RepositoryModelUnload(
             service_pb2.RepositoryModelUnloadRequest(model_name="__none__"), metadata=md),
@@ -247,13 +246,24 @@ def test_admin_apis_over_grpc_need_the_admin_key(served):
         "statistics": lambda md: stub.ModelStatistics(service_pb2.ModelStatisticsRequest(), metadata=md),
         "trace settings": lambda md: stub.TraceSetting(service_pb2.TraceSettingRequest(), metadata=md),
     }
-    for name, call in calls.items():
+
+
+def test_admin_apis_over_grpc_are_closed_at_the_front_door_and_need_the_key_behind_it(served):
+    public = _admin_calls(_grpc_stub(served))
+    admin = tuple(served.server.admin_grpc_headers.items())
+    for name, call in public.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call(admin)                     # not even with the key: the front door routes inference and health only
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, f"{name}: {err.value}"
+        assert "not public" in err.value.details()
+    internal = _admin_calls(service_pb2_grpc.GRPCInferenceServiceStub(
+        grpc.insecure_channel(served.server.admin_grpc_url)))
+    for name, call in internal.items():
         with pytest.raises(grpc.RpcError) as err:
             call(())
         assert "restricted" in err.value.details(), f"{name}: {err.value.details()}"
-    admin = tuple(served.server.admin_grpc_headers.items())
-    assert calls["repository index"](admin).models          # the key opens them
-    assert calls["statistics"](admin).model_stats
+    assert internal["repository index"](admin).models          # the key opens them on Triton's own port
+    assert internal["statistics"](admin).model_stats
 
 
 @pytest.mark.long

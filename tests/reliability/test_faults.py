@@ -220,3 +220,35 @@ def test_overload_of_1024_connections_is_shed_with_503_and_memory_stays_bounded(
     assert not r.errors, r.errors
     assert rss_after < rss_before + 300, figures
     still_serving(served, expected)
+
+
+def test_grpc_overload_is_shed_with_unavailable_at_the_front_door(served, expected, users):
+    """300 gRPC calls in flight at once over one channel: the excess gets UNAVAILABLE "overloaded" at once."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.url("grpc")))
+    req = service_pb2.ModelInferRequest(model_name="recommend")
+    for name, dtype, value in (("user_id", "INT64", np.array([[users[0]]], np.int64)),
+                               ("k", "INT32", np.array([[5]], np.int32))):
+        t = req.inputs.add()
+        t.name, t.datatype = name, dtype
+        t.shape.extend([1, 1])
+        req.raw_input_contents.append(value.tobytes())
+    codes: dict[str, int] = {}
+    messages = set()
+    for _ in range(3):
+        futures = [stub.ModelInfer.future(req, timeout=30) for _ in range(300)]
+        for f in futures:
+            try:
+                f.result()
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as e:
+                codes[e.code().name] = codes.get(e.code().name, 0) + 1
+                messages.add(e.details())
+    record("grpc overload", calls=900, **codes)
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, (codes, messages)
+    assert codes.get("OK", 0) > 0 and codes.get("UNAVAILABLE", 0) > 0, codes
+    assert all("overloaded" in m for m in messages), messages
+    still_serving(served, expected)
