@@ -782,24 +782,24 @@ class Bench:
         with TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           host=HOST, log_file=log, ready_timeout=300.0, restricted=restricted) as server:
             grpc_url, http_url = server.url("grpc"), server.url("http")
-            admin = server.admin_grpc_headers
+            admin, stats_url = server.admin_grpc_headers, server.admin_grpc_url   # Triton's own port
             version = _server_version(http_url)
             for path in paths:
                 for c in args.concurrency:
                     name = f"{path.replace('/', '-')}-{precision}-c{c}"
                     if path == "ensemble/grpc":
                         self._perf_analyzer(grpc_url, c, args.warmup, name + "-warmup")
-                        before = model_stats(grpc_url, admin)
+                        before = model_stats(stats_url, admin)
                         cell = self._perf_analyzer(grpc_url, c, args.duration, name)
                     elif path == "ensemble/http":
                         self._wrk(http_url, c, args.warmup)
-                        before = model_stats(grpc_url, admin)
+                        before = model_stats(stats_url, admin)
                         cell = self._wrk(http_url, c, args.duration)
                     else:  # pipeline/grpc
                         snapshot: dict = {}
                         meter = OtherCpu()
 
-                        def take(snapshot: dict = snapshot, url: str = grpc_url, meter: OtherCpu = meter) -> None:
+                        def take(snapshot: dict = snapshot, url: str = stats_url, meter: OtherCpu = meter) -> None:
                             snapshot["before"] = model_stats(url, admin)
                             meter.start()
 
@@ -808,7 +808,7 @@ class Bench:
                                            args.timeout + 5.0)
                         cell.other_cpu_pct = meter.stop()
                         before = snapshot.get("before", {})
-                    cell.models = stats_delta(before, model_stats(grpc_url, admin))
+                    cell.models = stats_delta(before, model_stats(stats_url, admin))
                     self._add(cell, path, precision)
         return version
 

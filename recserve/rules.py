@@ -21,7 +21,9 @@ Semantics, per row:
    when each of its genres has fewer than c picks; an item counts towards every one of its genres; items with
    no genre are never capped). An empty allowed set ends the row: the rest is padding.
    Adjusted relevance at t:  a = rel                                     when mmr_lambda == 1 (MMR off),
-                             a = λ·rel − (1 − λ)·max_{p picked} sim(item, p)   otherwise (max over none = 0),
+                             a = λ·rel' − (1 − λ)·max_{p picked} sim(item, p)   otherwise (max over none = 0),
+   with rel' = rel min-max scaled to [0, 1] over the row's candidates (0 when they are all equal), so that
+   relevance and similarity (in [-1, 1]) are on one scale whatever the ranker's score units;
    sim = dot of the table's item vectors (normalised to unit length once) or, without vectors, the Jaccard
    similarity of the genre sets (0 when both are empty). Greedy choice: the allowed item with the largest a,
    ties to the earlier input rank.
@@ -282,6 +284,11 @@ def _greedy(ids, sc, valid, k, rules: Rules, items: ItemTable | None):
     picked = np.zeros((b, n), bool)
     counts = np.zeros((b, gen.shape[2]), np.float32) if cap else None
     maxsim = np.full((b, n), -np.inf)
+    if mmr:   # relevance min-max scaled to [0, 1] over the row's candidates: comparable with a similarity
+        lo = np.where(valid, rel, np.inf).min(1, keepdims=True)
+        hi = np.where(valid, rel, -np.inf).max(1, keepdims=True)
+        span = np.where(np.isfinite(hi - lo) & (hi > lo), hi - lo, 1.0)
+        rel = np.where(valid & (hi > lo), (rel - np.where(np.isfinite(lo), lo, 0.0)) / span, 0.0)
     adj = lam * rel if mmr else rel
     for t in range(n_pos):
         allowed = valid & ~picked

@@ -70,12 +70,19 @@ class Canaries:
             self.item = int(z["item_ids"][0])
         self.genres = _config_inputs(repository / "item_tower" / "config.pbtxt")["item_genres"][0]
         self.models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+        self._nonce = 1
 
     def request(self, model: str, retrieved: dict | None) -> dict | None:
         one = np.array([[1]], np.int32)
         user = np.array([[self.user]], np.int64)
-        if model in ("recommend", "retrieval"):
+        if model == "retrieval":
             return {"inputs": [_tensor("user_id", "INT64", user), _tensor("k", "INT32", one)]}
+        if model == "recommend":
+            # an id no item has, new each time: the answer is unchanged, and Triton's response cache cannot answer
+            # in the model's place
+            self._nonce += 1
+            return {"inputs": [_tensor("user_id", "INT64", user), _tensor("k", "INT32", one),
+                               _tensor("exclude", "INT64", np.array([[-self._nonce]], np.int64))]}
         if model == "ranker":
             if retrieved is None:
                 return None

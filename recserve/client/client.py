@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,33 +34,39 @@ PROTOCOLS = ("grpc", "http")
 MODES = ("ensemble", "pipeline")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 RESPONSE = tuple(t.name for t in spec.RESPONSE)
+OPTION_RESPONSE = tuple(t.name for t in spec.OPTION_RESPONSE)
 _CONNECTION_WORDS = ("connect", "socket", "dns", "unreachable", "name resolution")
 INSTALL_FIX = "pip install 'tritonclient[grpc,http]>=2.50,<2.53'"
 
 
 @dataclass(frozen=True)
 class RecommendedItem:
-    """One recommended item: its raw id, the ranker's score and its title ("" unless titles were asked for)."""
+    """One recommended item: its raw id, the ranker's score, its title ("" unless titles were asked for) and,
+    when the request explored, the policy's probability of it at its position (for off-policy evaluation)."""
 
     item_id: int
     score: float
     title: str
+    propensity: float | None = None
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    """The answer for one user, best item first."""
+    """The answer for one user, best item first, and where it came from (`spec.SOURCES`)."""
 
     user: int
     mode: str
     items: list[RecommendedItem] = field(default_factory=list)
+    source: str = "personalized"
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"user": ID, "mode": ..., "items": [{"item_id": ..., "score": ..., "title": ...}, ...]}``."""
+        """``{"user": ID, "mode": ..., "source": ..., "items": [{"item_id", "score", "title"[, "propensity"]}]}``."""
         return {
             "user": self.user,
             "mode": self.mode,
-            "items": [{"item_id": it.item_id, "score": it.score, "title": it.title} for it in self.items],
+            "source": self.source,
+            "items": [{"item_id": it.item_id, "score": it.score, "title": it.title,
+                       **({"propensity": it.propensity} if it.propensity is not None else {})} for it in self.items],
         }
 
     def to_json(self) -> str:
@@ -222,6 +229,55 @@ class _Transport:
             self._client.close()
 
 
+def _read_fallback(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("items"), list):
+            raise ValueError("no 'items' list")
+        return data
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ClientError(f"fallback file {path} is not usable ({exc}): pass the repository's fallback.json, "
+                          "written by `recserve export repository`") from None
+
+
+def _freeze(options: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((n, v.tobytes()) for n, v in options.items()))
+
+
+def _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, explore, seed) -> dict[str, np.ndarray]:
+    """The request's optional tensors (spec.OPTIONS), only those that differ from the defaults."""
+    out: dict[str, np.ndarray] = {}
+    for name, values in (("history", history), ("segment", segment), ("exclude", exclude)):
+        if values is not None:
+            ids = [int(v) for v in values]
+            if name != "segment" and not ids:
+                continue
+            if not ids or len(ids) > spec.MAX_WIDTH:
+                raise ClientError(f"{name} holds {len(ids)} ids: send 1..{spec.MAX_WIDTH}")
+            out[name] = np.array([ids], dtype=np.int64)
+    if max_per_genre:
+        out["max_per_genre"] = _one(_check_range("max_per_genre", max_per_genre, 0, 10**6), np.int32)
+    for name, value, default, low, high in (("mmr_lambda", mmr_lambda, 1.0, 0.0, 1.0),
+                                            ("freshness", freshness, 0.0, -1e6, 1e6)):
+        if value != default:
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ClientError(f"{name}={value!r} is out of range: choose {low:g}..{high:g}")
+            out[name] = np.array([[value]], dtype=np.float32)
+    if explore not in (None, "", "none"):
+        from recserve.rules import Rules
+
+        try:
+            parsed = Rules.parse_explore(explore)
+        except ValueError as exc:
+            raise ClientError(f"explore={explore!r}: {exc}") from None
+        mode = parsed["explore"]
+        out["explore"] = _one({"epsilon": 1, "softmax": 2}[mode], np.int32)
+        out["explore_param"] = np.array([[parsed["epsilon" if mode == "epsilon" else "temperature"]]], np.float32)
+        out["seed"] = _one(random.SystemRandom().randrange(2**31) if seed is None else
+                           _check_range("seed", seed, 0, 2**62), np.int64)
+    return out
+
+
 def _now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -254,6 +310,10 @@ class RecClient:
         timeout: seconds one call may take before :class:`ServerError` is raised.
         k_max: the most items one response carries; ``None`` reads it from the ``retrieval`` model's
             config on first use. Giving it spares that call (tests use it to validate ``k`` offline).
+        fallback: a ``fallback.json`` that ``export repository`` writes (the popular list): when no server
+            answers within ``timeout``, ``recommend`` returns its first k items with ``source="fallback"``
+            instead of raising.
+        cache_ttl: seconds a deterministic answer (no exploration) is reused for the same request; 0 = off.
 
     Raises:
         ClientError: a bad protocol or timeout.
@@ -269,6 +329,8 @@ class RecClient:
         protocol: str = "grpc",
         timeout: float = 10.0,
         k_max: int | None = None,
+        fallback: str | Path | None = None,
+        cache_ttl: float = 0.0,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ClientError(f"protocol={protocol!r} is not supported: choose 'grpc' or 'http'")
@@ -283,6 +345,12 @@ class RecClient:
         self.timeout = float(timeout)
         self._k_max = None if k_max is None else int(k_max)
         self._titles: dict[int, str] = {}
+        self._fallback = _read_fallback(Path(fallback)) if fallback is not None else None
+        if not isinstance(cache_ttl, (int, float)) or cache_ttl < 0:
+            raise ClientError(f"cache_ttl={cache_ttl!r} must be a number of seconds >= 0")
+        self.cache_ttl = float(cache_ttl)
+        self._cache: dict[tuple, tuple[float, Recommendation]] = {}
+        self.cache_hits = self.cache_misses = 0
         self._transport = _Transport(protocol, self.url, self.timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -349,21 +417,39 @@ class RecClient:
         weekday: int | None = None,
         mode: str = "ensemble",
         titles: bool = False,
+        *,
+        history: Iterable[int] | None = None,
+        segment: Iterable[int] | None = None,
+        exclude: Iterable[int] | None = None,
+        max_per_genre: int = 0,
+        mmr_lambda: float = 1.0,
+        freshness: float = 0.0,
+        explore: str | None = None,
+        seed: int | None = None,
     ) -> Recommendation:
-        """Recommend ``k`` items for one user.
+        """Recommend ``k`` items for one user (a user the model never saw gets popular, segment or history-based
+        items; ``source`` says which).
 
         Args:
             user_id: the raw user id, as in the data set.
             k: how many items, 1..k_max.
             hour: hour of the request, 0..23; default now (UTC).
             weekday: day of the request, 0 = Monday .. 6; default today (UTC).
-            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step).
+            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step; no options below).
             titles: also look the items' titles up (one more call, off the hot path, cached).
+            history: the user's recent raw item ids, newest last (personalises an unknown user).
+            segment: an unknown user's attribute codes, in the data set's order (popular in that segment).
+            exclude: raw item ids never returned.
+            max_per_genre: at most this many items of any one genre; 0 = off.
+            mmr_lambda: diversity by maximal marginal relevance, 0..1; 1 = off.
+            freshness: boost for newer items, in score units; 0 = off.
+            explore: ``"epsilon:E"`` or ``"softmax:T"``; each item then carries its propensity.
+            seed: the exploration's seed (a fresh random one when not given).
 
         Raises:
             ClientError: a bad argument (before any inference call) or a request the server rejected.
-            UnknownUserError: the server does not know ``user_id``.
-            ServerError: no server answers, or it timed out.
+            UnknownUserError: pipeline mode, for a user the model does not know.
+            ServerError: no server answers, or it timed out (unless a ``fallback`` file was given).
         """
         if mode not in MODES:
             raise ClientError(f"mode={mode!r} is not supported: choose 'ensemble' or 'pipeline'")
@@ -376,20 +462,60 @@ class RecClient:
             # Refused without a round trip; k_max is named when it is already known.
             high = self._k_max if self._k_max is not None else "k_max (the most items the server returns)"
             raise ClientError(f"k={k!r} is out of range: choose 1..{high}")
-        k = _check_range("k", k, 1, self.k_max())
-        inputs = {
-            "user_id": _one(user_id, np.int64),
-            "k": _one(k, np.int32),
-            "hour": _one(hour, np.int64),
-            "weekday": _one(weekday, np.int64),
-        }
-        out = self._transport.infer(spec.ENSEMBLE, inputs, RESPONSE) if mode == "ensemble" else self._pipeline(inputs)
+        options = _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, explore, seed)
+        if options and mode != "ensemble":
+            raise ClientError("history, segment, rules and exploration are served by `recommend`: use "
+                              "mode='ensemble'")
+        exploring = "explore" in options
+        key = (int(user_id), int(k), hour, weekday, mode, titles, _freeze(options))
+        if self.cache_ttl and not exploring:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                self.cache_hits += 1
+                return hit[1]
+            self.cache_misses += 1
+        try:
+            k = _check_range("k", k, 1, self.k_max())
+            inputs = {
+                "user_id": _one(user_id, np.int64),
+                "k": _one(k, np.int32),
+                "hour": _one(hour, np.int64),
+                "weekday": _one(weekday, np.int64),
+                **options,
+            }
+            if mode == "ensemble":
+                wanted = RESPONSE + (OPTION_RESPONSE if self._has_options() else ())
+                out = self._transport.infer(spec.ENSEMBLE, inputs, wanted)
+            else:
+                out = self._pipeline(inputs)
+        except ServerError:
+            if self._fallback is None:
+                raise
+            return self._from_fallback(int(user_id), k, mode)
         ids, scores = out["item_ids"][0], out["scores"][0]
         real = ids >= 0   # the native flavor pads rows to k_max with -1
         ids, scores = ids[real][:k], scores[real][:k]
+        props = out["propensity"][0][real][:k] if exploring and "propensity" in out else [None] * len(ids)
+        source = _decode(out["source"].reshape(-1)[0]) if "source" in out else "personalized"
         names = self.titles(ids) if titles else [""] * len(ids)
-        items = [RecommendedItem(int(i), float(sc), t) for i, sc, t in zip(ids, scores, names)]
-        return Recommendation(user=int(user_id), mode=mode, items=items)
+        items = [RecommendedItem(int(i), float(sc), t, None if pr is None else float(pr))
+                 for i, sc, t, pr in zip(ids, scores, names, props)]
+        rec = Recommendation(user=int(user_id), mode=mode, items=items, source=source)
+        if self.cache_ttl and not exploring:
+            self._cache[key] = (time.monotonic() + self.cache_ttl, rec)
+        return rec
+
+    def _has_options(self) -> bool:
+        """Whether the served `recommend` answers `source` / `propensity` (the embedded flavor; cached)."""
+        if not hasattr(self, "_options_served"):
+            config = self._transport.model_config(spec.ENSEMBLE)
+            self._options_served = any(o.get("name") == "source" for o in config.get("output", []))
+        return self._options_served
+
+    def _from_fallback(self, user_id: int, k: int, mode: str) -> Recommendation:
+        items = [RecommendedItem(int(i["item_id"]), float(i["score"]), str(i.get("title", "")))
+                 for i in self._fallback["items"][:k]]   # type: ignore[index]
+        return Recommendation(user=user_id, mode=mode, items=items, source="fallback")
 
     def recommend_many(
         self,

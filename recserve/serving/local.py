@@ -2,6 +2,16 @@
 
 The served-vs-offline parity test scores it over the test split, and the plain FastAPI baseline of the
 serving benchmark serves it. It follows the serving spec's wiring, as the ensemble and the client do.
+
+`serve` is the embedded `recommend` model's whole answer (spec.OPTIONS): every row gets a list and a `source`.
+- a known user: retrieval, then the ranker graph (`personalized`); the ranker failing: the retrieval order, and
+  retrieval failing: popular items (both `fallback`, counted through `on_fallback`);
+- an unknown user with a `history` of known items: the user tower run on that history (with the id of the
+  user nearest the average, `items.npz` proxy_user, and the `segment` codes or the commonest ones), the same
+  candidate rule over it, in retrieval order (`history`): the ranker's user features would be another user's;
+- an unknown user with `segment` codes: popular in that segment (`segment`); otherwise popular and trending in
+  the request's hour and weekday (`popular`), `recserve.coldstart`;
+- then the rules and exploration of `recserve.rules` cut each list to k (propensity 1.0 without exploration).
 """
 
 from __future__ import annotations
@@ -11,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from recserve.coldstart import load_cold
+from recserve.ranking import PAD_ID, PAD_SCORE, top_positions
+from recserve.rules import ItemTable, Rules, apply_rules
 from recserve.serving import spec
-from recserve.serving.steps.base import ort_session
+from recserve.serving.steps.base import RequestError, ort_session
 from recserve.serving.steps.retrieval import Retriever, check_request
+
+EXPLORE_MODES = {0: "none", 1: "epsilon", 2: "softmax"}
 
 
 class LocalPipeline:
@@ -29,6 +44,153 @@ class LocalPipeline:
         self.ranker = ort_session(repository / "ranker" / "1" / "model.onnx", threads)
         self.ranker_inputs = spec.step("ranker").input_names
         self.outputs = [t.name for t in spec.RESPONSE]
+        version = repository / "retrieval" / "1"
+        self.cold = load_cold(version / "cold.npz")
+        with np.load(version / "items.npz") as z:
+            self.items = ItemTable(z["item_ids"], z["genres"], z["year"], z["vectors"])
+            self.proxy_user, self.history_len = int(z["proxy_user"]), int(z["history_len"])
+        self.raw_tower = ort_session(version / "user_tower_raw.onnx", threads)
+        self.on_fallback = lambda kind: None     # the served model counts them in a metric
+
+    # -- the embedded `recommend` model: every request answered, with its source -------------------------
+
+    def options(self, request: dict[str, np.ndarray], row: int) -> tuple[Rules, np.ndarray | None, np.ndarray | None]:
+        """(rules, history raw ids, segment codes) of one row; RequestError names a bad value."""
+        def scalar(name, default):
+            v = request.get(name)
+            return default if v is None else v.reshape(len(v), -1)[row, 0].item()
+
+        mode = int(scalar("explore", 0))
+        if mode not in EXPLORE_MODES:
+            raise RequestError(f"explore={mode} is not known: 0 off, 1 epsilon-greedy, 2 softmax")
+        seed = request.get("seed")
+        if mode and seed is None:
+            raise RequestError("explore needs a seed (any integer >= 0): the draw is reproducible from it, and a "
+                               "cached answer is then the one a new draw would give")
+        param = float(scalar("explore_param", 0.1 if mode == 1 else 1.0))
+        exclude = request.get("exclude")
+        try:
+            rules = Rules(exclude=tuple(int(x) for x in exclude[row]) if exclude is not None else (),
+                          max_per_genre=int(scalar("max_per_genre", 0)), mmr_lambda=float(scalar("mmr_lambda", 1.0)),
+                          freshness=float(scalar("freshness", 0.0)), explore=EXPLORE_MODES[mode],
+                          epsilon=param if mode == 1 else 0.1, temperature=param if mode == 2 else 1.0,
+                          seed=int(scalar("seed", 0)) if mode else None)
+        except ValueError as exc:
+            raise RequestError(str(exc).replace("epsilon", "explore_param (epsilon)", 1)
+                               .replace("temperature", "explore_param (temperature)", 1)) from None
+        history = request["history"][row] if "history" in request else None
+        segment = request["segment"][row] if "segment" in request else None
+        return rules, history, segment
+
+    def serve(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Checked requests (`check_request(..., allow_unknown=True)` and `options` passed) -> per request:
+        item_ids, scores, propensity ([B, w], -1 / lowest / 0 past each row's items) and source ([B, 1] bytes)."""
+        rows = [(i, r) for i, req in enumerate(requests) for r in range(len(req["user_id"]))]
+        idx = np.array([int(requests[i]["user_idx"][r, 0]) for i, r in rows], np.int64)
+        ranked_ids = np.full((len(rows), self.k_max), PAD_ID, np.int64)
+        ranked_scores = np.full((len(rows), self.k_max), PAD_SCORE, np.float32)
+        source = [""] * len(rows)
+        known = np.flatnonzero(idx >= 0)
+        if len(known):
+            col = lambda name: np.concatenate([requests[rows[j][0]][name][rows[j][1]:rows[j][1] + 1]  # noqa: E731
+                                               for j in known])
+            ids, sc, how = self._personalized(idx[known], col("hour"), col("weekday"))
+            ranked_ids[known], ranked_scores[known] = ids, sc
+            for j in known:
+                source[j] = how
+        out_rows = []
+        for j, (i, r) in enumerate(rows):
+            req = requests[i]
+            rules, history, segment = self.options(req, r)
+            if idx[j] < 0:
+                ranked_ids[j], ranked_scores[j], source[j] = self._cold(req, r, history, segment)
+            k = int(req["k"][r, 0])
+            ids, sc, prop = apply_rules(ranked_ids[j:j + 1], ranked_scores[j:j + 1], k, rules,
+                                        self.items if rules.needs_items else None)
+            out_rows.append((ids[0], sc[0], prop[0]))
+        outputs, start = [], 0
+        for req in requests:
+            part = out_rows[start:start + len(req["user_id"])]
+            srcs = source[start:start + len(req["user_id"])]
+            start += len(part)
+            width = max(1, max(int((ids >= 0).sum()) for ids, _, _ in part))
+            outputs.append({"item_ids": np.stack([p[0][:width] for p in part]),
+                            "scores": np.stack([p[1][:width] for p in part]),
+                            "propensity": np.stack([p[2][:width] for p in part]),
+                            "source": np.array([[s.encode()] for s in srcs], dtype=object)})
+        return outputs
+
+    def _personalized(self, idx: np.ndarray, hour: np.ndarray, weekday: np.ndarray):
+        """Known users: the path, with the ranker's KMAX best; fallbacks when a step fails."""
+        request = {"user_idx": idx.reshape(-1, 1), "hour": hour.reshape(-1, 1), "weekday": weekday.reshape(-1, 1),
+                   "k": np.full((len(idx), 1), self.k_max, np.int32)}
+        try:
+            tensors = {**request, **self.retriever(request)}
+        except Exception:  # noqa: BLE001 - the fallback chain: any failure of the step serves popular items
+            self.on_fallback("retrieval")
+            ids, sc = zip(*(self._top(self.cold.popular(int(h), int(w)), None) for h, w in zip(hour[:, 0],
+                                                                                            weekday[:, 0])))
+            return np.stack(ids), np.stack(sc), "fallback"
+        try:
+            out = dict(zip(self.outputs, self.ranker.run(self.outputs, {n: tensors[n] for n in self.ranker_inputs})))
+            return out["item_ids"], out["scores"], "personalized"
+        except Exception:  # noqa: BLE001 - the ranker failing serves the retrieval order
+            self.on_fallback("ranker")
+            return (*self._retrieval_order(tensors["cand_idx"], tensors["cand_src"]), "fallback")
+
+    def _retrieval_order(self, cand: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score = np.where(cand >= 0, src[..., 0], -np.inf)
+        pos = top_positions(score, self.k_max)
+        ids = np.take_along_axis(cand, pos, 1)
+        raw = np.where(ids >= 0, self.items.item_ids[np.maximum(ids, 0)], PAD_ID)
+        sc = np.where(ids >= 0, np.take_along_axis(score, pos, 1), PAD_SCORE).astype(np.float32)
+        return raw, sc
+
+    def _top(self, score: np.ndarray, drop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        score = score.astype(np.float64, copy=True)
+        if drop is not None and len(drop):
+            score[drop] = -np.inf
+        pos = top_positions(score[None, :], self.k_max)[0]
+        ok = np.isfinite(score[pos])
+        ids = np.where(ok, self.items.item_ids[pos], PAD_ID)
+        return ids, np.where(ok, score[pos], PAD_SCORE).astype(np.float32)
+
+    def _cold(self, request: dict[str, np.ndarray], row: int, history: np.ndarray | None,
+              segment: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
+        hist = np.array([], np.int64)
+        if history is not None:
+            rows = self.items.rows(np.asarray(history, np.int64))
+            hist = rows[rows >= 0]
+        if len(hist):
+            try:
+                return (*self._from_history(hist, segment), "history")
+            except Exception:  # noqa: BLE001 - the fallback chain
+                self.on_fallback("history")
+                h, w = int(request["hour"][row, 0]), int(request["weekday"][row, 0])
+                return (*self._top(self.cold.popular(h, w), hist), "fallback")
+        if self.cold.narrows(segment):
+            return (*self._top(self.cold.segment(segment), None), "segment")
+        h, w = int(request["hour"][row, 0]), int(request["weekday"][row, 0])
+        return (*self._top(self.cold.popular(h, w), None), "popular")
+
+    def _from_history(self, hist: np.ndarray, segment: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The user tower on a request's history (dense indices, newest last), then the candidate rule."""
+        n_items = len(self.items)
+        newest = hist[::-1][:self.history_len]
+        history = np.full((1, self.history_len), n_items, np.int64)
+        history[0, :len(newest)] = newest
+        cats = self.cold.user_cats_mode.copy()
+        if segment is not None:
+            codes = np.asarray(segment, np.int64).reshape(-1)[:len(cats)]
+            given = codes > 0
+            cats[:len(codes)][given] = codes[given]
+        feed = {"user_idx": np.array([self.proxy_user], np.int64), "user_cats": cats.reshape(1, -1),
+                "history": history}
+        names = {i.name for i in self.raw_tower.get_inputs()}
+        user_vec = self.raw_tower.run(["user_vec"], {n: v for n, v in feed.items() if n in names})[0]
+        cand, src = self.retriever.cold_candidates(hist, user_vec)
+        ids, sc = self._retrieval_order(cand, src)
+        return ids[0], sc[0]
 
     def check(self, request: dict[str, np.ndarray]) -> None:
         """Raise RequestError naming a bad value; completes the request in place (context, user index)."""

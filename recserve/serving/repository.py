@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf import json_format, text_format
+from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2
 
 from recserve.errors import ArtifactError
@@ -157,6 +158,9 @@ def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
             "input": [_tensor(t, sizes) for t in s.inputs], "output": [_tensor(t, sizes) for t in s.outputs],
             "instance_group": [{"count": opts.fused_instances or os.cpu_count() or 1, "kind": "KIND_CPU"}],
             "dynamic_batching": _dynamic_batching(batch),
+            # Triton's response cache (the server starts with --cache-config local): a repeated request is answered
+            # without running the model. Exploring requests carry a seed, so a cached answer is the same draw.
+            "response_cache": {"enable": True},
             "parameters": {"threads": {"string_value": str(opts.step_threads)}}}
 
 
@@ -225,6 +229,8 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         fetch_k = min(len(items), sizes["K"] + int(np.diff(tables.seen_indptr).max(initial=0)))
         index_info = _write_index(retrieval, items, opts, queries, fetch_k)
         np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
+        cold = _write_cold_start(retrieval, artifacts, opts.view, tables, files["user_tower"])
+        _write_fallback(tmp / "fallback.json", cold, tables, sizes["KMAX"])
         squeeze = {"item_tower": ("item_idx", "item_year")}
         n_users, n_items = str(len(tables.user_ids)), str(len(tables.item_ids))
         bounds = {"ranker": {"n_users": n_users, "n_items": n_items, "k_max": str(sizes["KMAX"])},
@@ -256,6 +262,41 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_fallback(path: Path, cold, tables: graphs.ServingTables, k_max: int) -> None:
+    """The list a client serves when no server answers (`RecClient(fallback=...)`): popular and trending."""
+    score = cold.count + cold.trending
+    top = np.argsort(-score, kind="stable")[:k_max]
+    path.write_text(json.dumps({"source": "fallback", "note": "popular and trending items, written by export",
+                                "items": [{"item_id": int(tables.item_ids[i]), "score": float(score[i]),
+                                           "title": str(tables.titles[i])} for i in top]}, indent=1))
+
+
+def _write_cold_start(dest: Path, artifacts: Path, view: str, tables: graphs.ServingTables, user_tower: Path):
+    """What `recommend` needs beyond the path: cold-start popularity (`recserve.coldstart`), the raw user tower
+    (run on a request's history), and the items' genres, years and unit vectors for the rules."""
+    from recserve.coldstart import fit_cold, save_cold
+    from recserve.data.dataset import Dataset
+
+    ds = Dataset.load(Path(artifacts) / "dataset.npz")
+    known = ds.mask(*graphs.VIEWS[view])
+    cold = fit_cold(ds.users[known], ds.items[known], ds.timestamps[known], ds.user_cats, ds.n_items)
+    save_cold(dest / "cold.npz", cold)
+    shutil.copy(user_tower, dest / "user_tower_raw.onnx")
+    np.savez(dest / "items.npz", item_ids=tables.item_ids, genres=tables.genres, year=tables.year,
+             vectors=tables.item_vec, proxy_user=np.array(_proxy_user(user_tower)),
+             history_len=np.array(tables.history.shape[1]))
+    return cold
+
+
+def _proxy_user(user_tower: Path) -> int:
+    """The user whose id embedding is nearest the mean of all: the id a user the model never saw borrows."""
+    for init in onnx.load(user_tower).graph.initializer:
+        if "user_emb" in init.name and len(init.dims) == 2:
+            emb = numpy_helper.to_array(init).astype(np.float32)
+            return int(np.argmin(np.linalg.norm(emb - emb.mean(0), axis=1)))
+    return 0
 
 
 def _year_buckets(item_tower: Path) -> int:

@@ -98,6 +98,27 @@ RESPONSE = (
     Tensor("scores", "FP32", (-1,), doc="ranker scores of those items"),
 )
 
+# Request-time behaviours of `recommend` (embedded flavor), all optional and off by default (recserve/rules.py,
+# recserve/coldstart.py): cold start, business rules applied after ranking, exploration with propensities.
+OPTIONS = (
+    Tensor("history", "INT64", (-1,), optional=True,
+           doc="the user's recent raw item ids, newest last: personalises a user the model has never seen"),
+    Tensor("segment", "INT64", (-1,), optional=True,
+           doc="an unknown user's attribute codes, in the data set's order (0 / -1: not given): popular there"),
+    Tensor("exclude", "INT64", (-1,), optional=True, doc="raw item ids never returned"),
+    Tensor("max_per_genre", "INT32", (1,), optional=True, doc="at most this many items per genre; 0 = off"),
+    Tensor("mmr_lambda", "FP32", (1,), optional=True, doc="diversity by MMR, 0..1; 1 = off"),
+    Tensor("freshness", "FP32", (1,), optional=True, doc="boost for newer items, in score units; 0 = off"),
+    Tensor("explore", "INT32", (1,), optional=True, doc="0 off, 1 epsilon-greedy, 2 softmax"),
+    Tensor("explore_param", "FP32", (1,), optional=True, doc="epsilon (0..1) or temperature (> 0)"),
+    Tensor("seed", "INT64", (1,), optional=True, doc="required when exploring: the draw is reproducible"),
+)
+OPTION_RESPONSE = (
+    Tensor("source", "BYTES", (1,), doc="personalized | history | segment | popular | fallback"),
+    Tensor("propensity", "FP32", (-1,), doc="per item: the policy's probability of it at its position"),
+)
+SOURCES = ("personalized", "history", "segment", "popular", "fallback")
+
 STEPS = (
     Step("retrieval", "python", "user",
          inputs=REQUEST,
@@ -108,7 +129,7 @@ STEPS = (
                   Tensor("cand_idx", "INT64", ("K",), doc="K distinct unseen item indices; -1 pads"),
                   Tensor("cand_src", "FP32", ("K", "S"), doc="per candidate: blend score, ALS term, neighbour term")),
          files=("user_tower.onnx", "users.npz", "index.faiss", "index.json", "seen.npz", "sources.npz",
-                "blend.json", "blend_items.npy"),
+                "blend.json", "blend_items.npy", "cold.npz", "user_tower_raw.onnx", "items.npz"),
          params=("k_max", "intra_op_threads", "omp_threads", "nprobe"),
          doc="validates the request (unknown user, k, hour, weekday: INVALID_ARG naming the value); maps the raw "
              "id to its index; runs the user tower graph, which gathers the user's attributes and recent items from "
@@ -143,9 +164,11 @@ STEPS = (
 # code in one process (`recserve/serving/local.py`, `steps/fused.py`), one instance per core. On the pip
 # server every step is a python-backend process, and a hop between two costs more than the work of either
 # (measured: README "Serving"). The step models stay served for the client's pipeline mode.
-FUSED = Step(ENSEMBLE, "python", "candidate", inputs=REQUEST, outputs=RESPONSE, files=(),
-             params=("threads",), on_path=False,
-             doc="embedded flavor: the steps of the path run in one process (reads the step models' files)")
+FUSED = Step(ENSEMBLE, "python", "candidate", inputs=REQUEST + OPTIONS, outputs=RESPONSE + OPTION_RESPONSE,
+             files=(), params=("threads",), on_path=False,
+             doc="embedded flavor: the steps of the path run in one process (reads the step models' files); also "
+                 "answers unknown users (history, segment, popular), applies the rules and exploration, and falls "
+                 "back to the retrieval order or popular items when a step fails")
 
 
 def path() -> tuple[Step, ...]:
@@ -200,7 +223,8 @@ def markdown_table() -> str:
     rows = ["| model | kind | on the request path | inputs | outputs | what it does |", "|---|---|---|---|---|---|",
             f"| `{ENSEMBLE}` | ensemble (native flavor) | (the path) | {fmt(REQUEST)} | {fmt(RESPONSE)} | "
             f"{' -> '.join(s.name for s in path())} |",
-            f"| `{ENSEMBLE}` | python (embedded flavor) | (the path) | same | same | {FUSED.doc} |"]
+            f"| `{ENSEMBLE}` | python (embedded flavor) | (the path) | the same, and {fmt(OPTIONS)} | the same, and "
+            f"{fmt(OPTION_RESPONSE)} | {FUSED.doc} |"]
     for s in STEPS:
         rows.append(f"| `{s.name}` | {s.backend} | {'yes' if s.on_path else 'no'} | {fmt(s.inputs)} | "
                     f"{fmt(s.outputs)} | {s.doc} |")

@@ -402,6 +402,8 @@ def test_cli_prints_one_json_line_with_titles_and_a_table(server: TritonServer) 
     table = runner.invoke(app, [*args, "--mode", "pipeline", "--protocol", "http", "--url", server.url("http")])
     assert table.exit_code == 0, table.output
     rows = table.stdout.splitlines()
+    assert rows[0] == "source: personalized"
+    rows = rows[1:]
     assert rows[0].split() == ["rank", "item_id", "score", "title"]
     assert [row.split()[:2] for row in rows[1:]] == [[str(r), str(i)] for r, i in enumerate(want_ids, 1)]
     assert [row.split()[3] for row in rows[1:]] == [f"item-{i}" for i in want_ids]

@@ -88,12 +88,14 @@ def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
     start = {m: before(m) for m in models}
     users = user_ids(served, 20)
 
-    def call(u):
+    def call(job):
+        u, hour = job
         with RecClient(served.url("grpc"), "grpc") as c:
-            return len(c.recommend(u, k=5).items)
+            return len(c.recommend(u, k=5, hour=hour).items)
 
+    # every request distinct (hour), so Triton's response cache answers none of them
     with cf.ThreadPoolExecutor(16) as pool:
-        assert all(n == 5 for n in pool.map(call, users * 8))
+        assert all(n == 5 for n in pool.map(call, [(u, h) for h in range(8) for u in users]))
     for m in models:
         inferences, executions = (a - b for a, b in zip(before(m), start[m]))
         assert inferences == len(users) * 8, m
@@ -144,10 +146,10 @@ def test_context_is_optional_and_defaults_to_the_current_utc_time(served):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_unknown_user_and_bad_k_get_clear_typed_errors(served, protocol):
+def test_unknown_user_in_pipeline_mode_and_bad_k_get_clear_typed_errors(served, protocol):
     with RecClient(served.url(protocol), protocol) as client:
         with pytest.raises(UnknownUserError, match="unknown user_id 987654321"):
-            client.recommend(987654321, k=5)
+            client.recommend(987654321, k=5, mode="pipeline")   # `recommend` answers them (test_request_time)
         for bad_k in (0, served.manifest["k_max"] + 1):
             with pytest.raises(ClientError, match=f"k={bad_k}"):
                 client.recommend(user_ids(served, 1)[0], k=bad_k)

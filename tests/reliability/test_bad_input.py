@@ -36,7 +36,8 @@ HTTP_CASES = [
     ("empty body", "POST", INFER, b"", {}, {400}, "empty request body"),
     ("plain text", "POST", INFER, b"hello", {}, {400}, "not valid JSON"),
     ("JSON array at the top", "POST", INFER, b"[1, 2]", {}, {400}, "inputs"),
-    ("400 KB of nested brackets", "POST", INFER, b"[" * 400_000, {}, {413}, "too large"),
+    ("400 KB of nested brackets", "POST", INFER, b"[" * 400_000, {}, {400}, "not valid JSON"),
+    ("2 MB body", "POST", INFER, b"[" * 2_000_000, {}, {413}, "too large"),
     ("3,000 nested brackets", "POST", INFER, b'{"inputs":' + b"[" * 3000, {}, {400}, "not valid JSON"),
     ("no inputs key", "POST", INFER, b'{"outputs": []}', {}, {400}, "no 'inputs'"),
     ("empty inputs", "POST", INFER, body(), {}, {400}, "no 'inputs'"),
@@ -61,7 +62,21 @@ HTTP_CASES = [
     ("k = -1", "POST", INFER, body(UID, t("k", "INT32", [1, 1], [-1])), {}, {400}, "out of range"),
     ("hour = 24", "POST", INFER, body(UID, K5, t("hour", "INT64", [1, 1], [24])), {}, {400}, "hour=24"),
     ("weekday = 7", "POST", INFER, body(UID, K5, t("weekday", "INT64", [1, 1], [7])), {}, {400}, "weekday=7"),
-    ("unknown user", "POST", INFER, body(t("user_id", "INT64", [1, 1], [987654321]), K5), {}, {400}, "unknown user_id"),
+    ("unknown user at the retrieval step", "POST", "/v2/models/retrieval/infer",
+     body(t("user_id", "INT64", [1, 1], [987654321]), K5), {}, {400}, "unknown user_id"),
+    ("explore without a seed", "POST", INFER, body(UID, K5, t("explore", "INT32", [1, 1], [1])), {}, {400},
+     "explore needs a seed"),
+    ("epsilon above 1", "POST", INFER, body(UID, K5, t("explore", "INT32", [1, 1], [1]),
+                                            t("explore_param", "FP32", [1, 1], [2.0]), t("seed", "INT64", [1, 1], [1])),
+     {}, {400}, "epsilon"),
+    ("unknown explore mode", "POST", INFER, body(UID, K5, t("explore", "INT32", [1, 1], [9])), {}, {400},
+     "explore=9"),
+    ("mmr_lambda above 1", "POST", INFER, body(UID, K5, t("mmr_lambda", "FP32", [1, 1], [3.0])), {}, {400},
+     "mmr_lambda"),
+    ("negative max_per_genre", "POST", INFER, body(UID, K5, t("max_per_genre", "INT32", [1, 1], [-2])), {}, {400},
+     "max_per_genre"),
+    ("history of 1,001 ids", "POST", INFER, body(UID, K5, t("history", "INT64", [1, 1001], list(range(1001)))), {},
+     {400}, "1..1000"),
     ("fractional user id", "POST", INFER, body(t("user_id", "INT64", [1, 1], [1.5]), K5), {}, {400}, "whole numbers"),
     ("string data", "POST", INFER, body(t("user_id", "INT64", [1, 1], ["1"]), K5), {}, {400}, "list of numbers"),
     ("null data", "POST", INFER, body(t("user_id", "INT64", [1, 1], None), K5), {}, {400}, "no 'data'"),
@@ -183,8 +198,11 @@ def grpc_cases(served, ri):
         ("unknown model", _request("nope", [("user_id", "INT64", [1, 1], one)]), "nope"),
         ("k out of range", _request("recommend", [("user_id", "INT64", [1, 1], one),
                                                   ("k", "INT32", [1, 1], np.array([[0]], np.int32))]), "k=0"),
-        ("unknown user", _request("recommend", [("user_id", "INT64", [1, 1], np.array([[987654321]])),
-                                                ("k", "INT32", [1, 1], k5)]), "unknown user_id"),
+        ("unknown user at the retrieval step", _request("retrieval", [
+            ("user_id", "INT64", [1, 1], np.array([[987654321]])), ("k", "INT32", [1, 1], k5)]), "unknown user_id"),
+        ("explore without a seed", _request("recommend", [("user_id", "INT64", [1, 1], one), ("k", "INT32", [1, 1], k5),
+                                                          ("explore", "INT32", [1, 1], np.array([[2]], np.int32))]),
+         "explore needs a seed"),
         ("hour out of range", _request("recommend", [("user_id", "INT64", [1, 1], one), ("k", "INT32", [1, 1], k5),
                                                      ("hour", "INT64", [1, 1], np.array([[99]]))]), "hour=99"),
         ("ranker: candidate index out of range", _request("ranker", _ranker(ri, cand_idx=_set(0, 10**9))),
@@ -225,6 +243,7 @@ def test_bad_grpc_input_gets_invalid_argument_naming_it_and_the_server_keeps_ans
     for name, request, words in cases:
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(request, timeout=10)
+            pytest.fail(f"{name}: answered")
         code, details = err.value.code(), err.value.details()
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                         grpc.StatusCode.UNAVAILABLE if name == "unknown model" else grpc.StatusCode.INVALID_ARGUMENT), \

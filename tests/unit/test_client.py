@@ -157,6 +157,7 @@ def test_recommendation_json_shape() -> None:
     expected = {
         "user": 7,
         "mode": "ensemble",
+        "source": "personalized",
         "items": [
             {"item_id": 12, "score": 0.5, "title": "Heat (1995)"},
             {"item_id": 3, "score": 0.25, "title": "Amélie"},
@@ -166,9 +167,13 @@ def test_recommendation_json_shape() -> None:
     assert json.loads(rec.to_json()) == expected
     assert "\n" not in rec.to_json()
     assert rec.item_ids == [12, 3]
+    explored = Recommendation(user=7, mode="ensemble", source="popular",
+                              items=[RecommendedItem(12, 0.5, "Heat (1995)", propensity=0.7)])
+    assert explored.as_dict()["source"] == "popular" and explored.as_dict()["items"][0]["propensity"] == 0.7
     table = format_table(rec).splitlines()
-    assert table[0].split() == ["rank", "item_id", "score", "title"]
-    assert table[1].split() == ["1", "12", "0.5000", "Heat", "(1995)"]
+    assert table[0] == "source: personalized"
+    assert table[1].split() == ["rank", "item_id", "score", "title"]
+    assert table[2].split() == ["1", "12", "0.5000", "Heat", "(1995)"]
 
 
 def cli_app() -> typer.Typer:

@@ -46,17 +46,26 @@ def _state(ids, sc, rules: Rules, table: ItemTable, chosen: list[int]) -> dict[i
         union = genres(p) | genres(q)
         return len(genres(p) & genres(q)) / len(union) if union else 0.0
 
+    def relevance(p):
+        rel = float(sc[p])
+        if rules.freshness and p in rows and span > 0:
+            rel += rules.freshness * (years[rows[p]] - years.min()) / span
+        return rel
+
+    # MMR compares relevance min-max scaled to [0, 1] over the row's candidates with similarity in [0, 1]
+    cands = [p for p, i in enumerate(ids) if i >= 0 and i not in rules.exclude]
+    lo = min((relevance(p) for p in cands), default=0.0)
+    hi = max((relevance(p) for p in cands), default=0.0)
     out = {}
     for p, i in enumerate(ids):
         if i < 0 or i in rules.exclude or p in chosen:
             continue
         if rules.max_per_genre and any(sum(g in genres(c) for c in chosen) >= rules.max_per_genre for g in genres(p)):
             continue
-        rel = float(sc[p])
-        if rules.freshness and p in rows and span > 0:
-            rel += rules.freshness * (years[rows[p]] - years.min()) / span
+        rel = relevance(p)
         if rules.mmr_lambda < 1:
-            rel = rules.mmr_lambda * rel - (1 - rules.mmr_lambda) * max((sim(p, c) for c in chosen), default=0.0)
+            scaled = (rel - lo) / (hi - lo) if hi > lo else 0.0
+            rel = rules.mmr_lambda * scaled - (1 - rules.mmr_lambda) * max((sim(p, c) for c in chosen), default=0.0)
         out[p] = rel
     return out
 

@@ -1,7 +1,10 @@
 """`recommend` in the embedded flavor: the whole path (retrieval, then the ranker graph) in one process.
 
 The same step code and files as the `retrieval` and `ranker` models (`recserve.serving.local.LocalPipeline`
-over the repository), batched once per formed batch, one instance per core.
+over the repository), batched once per formed batch, one instance per core. It also answers users the model has
+never seen, applies the request's rules and exploration, and falls back when a step fails (`LocalPipeline.serve`);
+each answer's `source` and each fallback are counted in Triton's metrics (port 8002):
+`recserve_responses_total{source=...}` and `recserve_fallbacks_total{kind=...}`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import numpy as np
 from recserve.serving import spec
 from recserve.serving.local import LocalPipeline
 from recserve.serving.steps.base import BatchedModel, log
-from recserve.serving.steps.onnx_model import cut_to_items
-from recserve.serving.steps.retrieval import check_item_tower
+from recserve.serving.steps.retrieval import check_item_tower, check_request
 
 
 class TritonPythonModel(BatchedModel):
@@ -24,13 +26,37 @@ class TritonPythonModel(BatchedModel):
         root = self.repository.parent
         self.pipeline = LocalPipeline(root, threads=int(params.get("threads", "1")))
         check_item_tower(self.pipeline.retriever.meta, root / "retrieval")
+        self._counters: dict[tuple[str, str], object] = {}
+        self._families = {}
+        try:
+            family = self.pb.MetricFamily
+            self._families = {
+                "fallbacks": family(name="recserve_fallbacks_total", kind=family.COUNTER,
+                                    description="requests answered by a fallback, by the step that failed"),
+                "responses": family(name="recserve_responses_total", kind=family.COUNTER,
+                                    description="rows answered by recommend, by source"),
+            }
+        except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
+            log.warning("recommend: custom metrics are not available in this python backend")
+        self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
         log.warning("recommend: retrieval and ranker in one process over %s", root)
 
+    def _count(self, family: str, label: str, value: str) -> None:
+        if family not in self._families:
+            return
+        key = (family, value)
+        if key not in self._counters:
+            self._counters[key] = self._families[family].Metric(labels={label: value})
+        self._counters[key].increment(1)
+
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        self.pipeline.check(inputs)
+        check_request(inputs, self.pipeline.retriever.user_ids, self.pipeline.k_max, allow_unknown=True)
+        for row in range(len(inputs["user_id"])):
+            self.pipeline.options(inputs, row)
 
-    def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.pipeline.run(inputs)
-
-    def split(self, outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
-        return cut_to_items(super().split(outputs, sizes))
+    def _run(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        outputs = self.pipeline.serve(batches)
+        for out in outputs:
+            for s in out["source"].reshape(-1):
+                self._count("responses", "source", s.decode())
+        return outputs

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from recserve.integrity import sha256_of
 from recserve.ranking import Seen, fetch_size, unseen_candidates
@@ -39,8 +40,11 @@ def now_context() -> tuple[int, int]:
     return t.tm_hour, t.tm_wday
 
 
-def check_request(inputs: dict[str, np.ndarray], user_ids: np.ndarray, k_max: int) -> None:
-    """Raise RequestError naming the first bad value; fills an absent hour / weekday with now (in place)."""
+def check_request(inputs: dict[str, np.ndarray], user_ids: np.ndarray, k_max: int,
+                  allow_unknown: bool = False) -> None:
+    """Raise RequestError naming the first bad value; fills an absent hour / weekday with now (in place).
+
+    `allow_unknown`: an unknown user_id gets user_idx -1 instead of an error (`recommend` answers them)."""
     rows = len(inputs["user_id"])
     if "hour" not in inputs or "weekday" not in inputs:
         hour, weekday = now_context()
@@ -57,7 +61,7 @@ def check_request(inputs: dict[str, np.ndarray], user_ids: np.ndarray, k_max: in
             raise RequestError(f"{name}={int(bad[0])} is out of range: choose {low}..{high}{hint}")
     ids = inputs["user_id"].reshape(-1)
     idx = lookup_users(ids, user_ids)
-    if (idx < 0).any():
+    if (idx < 0).any() and not allow_unknown:
         raise RequestError(f"unknown user_id {int(ids[idx < 0][0])}: not among the {len(user_ids)} users this "
                            "model was trained on; recommend for a known user (ids as in the data set)")
     inputs["user_idx"] = idx.reshape(-1, 1)
@@ -124,6 +128,23 @@ class Retriever:
         nbr_rows = self.sources.neighbour_rows(users)
         cand = assemble(unseen_candidates(ids, users, self.seen, self.k), nbr_rows, users, self.seen,
                         self.sources, self.k)
+        return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
+
+    def cold_candidates(self, history: np.ndarray, user_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cand_idx (1, K), cand_src (1, K, S)) for a user the model never saw, from the items of `history`
+        (dense indices, newest last) and the user tower's vector of them: the same rule, with no ALS factors."""
+        h = np.unique(history)
+        seen = Seen(np.array([0, len(h)], np.int64), h.astype(np.int64))
+        users = np.zeros(1, np.int64)
+        als_user = np.zeros((1, self.sources.als_user.shape[1]), np.float32)
+        query = self.blend.query(user_vec, als_user)
+        _, ids = self.index.search(query, min(self.index.ntotal, self.k + len(h)))
+        recent = np.asarray(history[::-1][:self.sources.recent.shape[1]], np.int64)
+        x = sp.csr_matrix((np.ones(len(recent), np.float32), (np.zeros(len(recent), np.int64), recent)),
+                          shape=(1, self.sources.nbr.shape[0]))
+        nbr_rows = (x @ self.sources.nbr).tocsr()
+        nbr_rows.sort_indices()
+        cand = assemble(unseen_candidates(ids, users, seen, self.k), nbr_rows, users, seen, self.sources, self.k)
         return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
