@@ -53,8 +53,6 @@ ADMIN_HEADER = "recserve-admin-key"
 # Triton APIs that need the admin key on both protocols; inference, health and metadata stay open.
 RESTRICTED = "model-repository,shared-memory,statistics,trace,logging"
 SHM_DIR = Path("/dev/shm")
-# Triton's local response cache, used by models whose config enables it (`recommend`): 64 MiB of answers.
-RESPONSE_CACHE_BYTES = 64 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 
 
@@ -371,7 +369,6 @@ class TritonServer:
               else ()),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--exit-timeout-secs={max(1, int(self.drain_timeout))}",
-            f"--cache-config=local,size={RESPONSE_CACHE_BYTES}",
             *(("--load-model=*",) if self.model_control_mode == "explicit"
               and not any(a.startswith("--load-model") for a in self.extra_args) else ()),
             *(("--grpc-address=127.0.0.1", f"--grpc-port={self.triton_grpc_port}") if self.front_door_enabled

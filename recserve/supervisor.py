@@ -78,8 +78,8 @@ class Canaries:
         if model == "retrieval":
             return {"inputs": [_tensor("user_id", "INT64", user), _tensor("k", "INT32", one)]}
         if model == "recommend":
-            # an id no item has, new each time: the answer is unchanged, and Triton's response cache cannot answer
-            # in the model's place
+            # an id no item has, new each time: the answer is unchanged, and no cache in front of the model (one
+            # may be configured) can answer in its place
             self._nonce += 1
             return {"inputs": [_tensor("user_id", "INT64", user), _tensor("k", "INT32", one),
                                _tensor("exclude", "INT64", np.array([[-self._nonce]], np.int64))]}

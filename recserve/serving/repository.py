@@ -158,9 +158,9 @@ def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
             "input": [_tensor(t, sizes) for t in s.inputs], "output": [_tensor(t, sizes) for t in s.outputs],
             "instance_group": [{"count": opts.fused_instances or os.cpu_count() or 1, "kind": "KIND_CPU"}],
             "dynamic_batching": _dynamic_batching(batch),
-            # Triton's response cache (the server starts with --cache-config local): a repeated request is answered
-            # without running the model. Exploring requests carry a seed, so a cached answer is the same draw.
-            "response_cache": {"enable": True},
+            # No `response_cache`: Triton 2.51's cache stores a model's per-request error (k or hour out of range)
+            # as an empty 200 answer and serves that to the next identical request (measured: README "Request-time
+            # behaviours"); RecClient(cache_ttl=...) caches on the client instead.
             "parameters": {"threads": {"string_value": str(opts.step_threads)}}}
 
 

@@ -122,25 +122,6 @@ def test_epsilon_greedy_first_item_follows_the_stated_distribution(served, known
     assert binomtest(hits, draws, p_greedy).pvalue > 0.001, (hits, draws, p_greedy)
 
 
-def test_the_response_cache_answers_a_repeated_request_and_exploring_ones_differ(served, known):
-    metrics = f"http://127.0.0.1:{served.server.metrics_port}/metrics"
-
-    def hits() -> int:
-        for line in requests.get(metrics, timeout=5).text.splitlines():
-            if line.startswith('nv_cache_num_hits_per_model{model="recommend"'):
-                return int(float(line.split()[-1]))
-        return 0
-
-    with RecClient(served.url("grpc")) as client:
-        before = hits()
-        first = client.recommend(known[3], k=7, hour=5, weekday=1)
-        again = client.recommend(known[3], k=7, hour=5, weekday=1)
-        assert again.item_ids == first.item_ids
-        assert hits() == before + 1
-        assert client.recommend(known[3], k=7, explore="softmax:5", seed=1).item_ids != \
-            client.recommend(known[3], k=7, explore="softmax:5", seed=2).item_ids
-
-
 def test_the_client_ttl_cache_skips_the_server_for_a_repeated_request(served, known):
     with RecClient(served.url("grpc"), cache_ttl=60) as client:
         a = client.recommend(known[4], k=5, hour=3, weekday=3)
