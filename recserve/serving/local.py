@@ -98,16 +98,21 @@ class LocalPipeline:
             ranked_ids[known], ranked_scores[known] = ids, sc
             for j in known:
                 source[j] = how
-        out_rows = []
+        groups: dict[tuple[Rules, int], list[int]] = {}
         for j, (i, r) in enumerate(rows):
             req = requests[i]
             rules, history, segment = self.options(req, r)
             if idx[j] < 0:
                 ranked_ids[j], ranked_scores[j], source[j] = self._cold(req, r, history, segment)
-            k = int(req["k"][r, 0])
-            ids, sc, prop = apply_rules(ranked_ids[j:j + 1], ranked_scores[j:j + 1], k, rules,
-                                        self.items if rules.needs_items else None)
-            out_rows.append((ids[0], sc[0], prop[0]))
+            groups.setdefault((rules, int(req["k"][r, 0])), []).append(j)
+        out_rows: list = [None] * len(rows)
+        for (rules, k), members in groups.items():     # rows with the same rules and k: one vectorised call
+            # an exploring row's draws depend on its position in the call: each gets a call of its own
+            for part in ([members] if rules.deterministic else [[m] for m in members]):
+                ids, sc, prop = apply_rules(ranked_ids[part], ranked_scores[part], k, rules,
+                                            self.items if rules.needs_items else None)
+                for n, j in enumerate(part):
+                    out_rows[j] = (ids[n], sc[n], prop[n])
         outputs, start = [], 0
         for req in requests:
             part = out_rows[start:start + len(req["user_id"])]
