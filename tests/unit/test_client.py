@@ -6,6 +6,7 @@ import json
 import socket
 import time
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -215,3 +216,42 @@ def test_unavailable_model_is_not_mistaken_for_a_dead_server() -> None:
                        model="ranker", where="h:1 (grpc)", timeout=1.0)
     assert type(error) is ServerError
     assert str(error).startswith("model 'ranker' at h:1 (grpc) is unavailable: Request for unknown model")
+
+
+def test_shed_requests_map_to_overloaded_and_are_retried_with_backoff_within_the_deadline(monkeypatch) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    from recserve.client.client import Overloaded, _Transport
+
+    shed_http = _map_error(InferenceServerException("overloaded: too many requests in flight", status="503"),
+                           model="recommend", where="h:1 (http)", timeout=3.0)
+    shed_grpc = _map_error(InferenceServerException("overloaded: too many requests in flight; retry with backoff",
+                                                    status="StatusCode.UNAVAILABLE"),
+                           model="recommend", where="h:1 (grpc)", timeout=3.0)
+    assert isinstance(shed_http, Overloaded) and isinstance(shed_grpc, Overloaded)
+
+    transport = _Transport("grpc", "127.0.0.1:1", timeout=2.0)
+    calls, pauses = [], []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+
+    class Result:
+        def as_numpy(self, name):
+            return np.array([[1]])
+
+    def infer(model, inputs, outputs=None, **kw):
+        calls.append(model)
+        if len(calls) < 4:
+            raise InferenceServerException("overloaded: too many requests in flight", status="StatusCode.UNAVAILABLE")
+        return Result()
+
+    monkeypatch.setattr(transport._client, "infer", infer)
+    out = transport.infer("recommend", {"user_id": np.array([[1]])}, ("item_ids",))
+    assert len(calls) == 4 and out["item_ids"].tolist() == [[1]]
+    assert len(pauses) == 3 and all(0 <= p <= 0.2 for p in pauses)    # full jitter, capped
+
+    calls.clear()
+    monkeypatch.setattr(transport, "timeout", 0.0)                     # no time left: the shed error itself
+    monkeypatch.setattr(transport._client, "infer", lambda *a, **k: (_ for _ in ()).throw(
+        InferenceServerException("overloaded", status="StatusCode.UNAVAILABLE")))
+    with pytest.raises(Overloaded):
+        transport.infer("recommend", {"user_id": np.array([[1]])}, ("item_ids",))
