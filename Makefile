@@ -33,9 +33,9 @@ $(STAMP): pyproject.toml Makefile
 	   (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null)) ) \
 	   || echo "note: wrk not installed; make bench-serving will not run (apt-get install wrk)"; fi
 	@# The front door of `recserve serve` (recserve/serving/frontdoor.py): nginx with its Lua module and cjson.
-	@if ! [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || ! command -v nginx >/dev/null; then \
+	@if ! [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || ! command -v nginx >/dev/null || ! command -v lua5.1 >/dev/null; then \
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	   (apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson >/dev/null)) ) \
+	   (apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson lua5.1 >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson lua5.1 >/dev/null)) ) \
 	   || echo "note: nginx with the Lua module not installed; recserve serve needs it (apt-get install nginx-light libnginx-mod-http-lua lua-cjson) or --no-front-door"; fi
 	touch $(STAMP)
 
