@@ -37,6 +37,11 @@ $(STAMP): pyproject.toml Makefile
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	   (apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson lua5.1 >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light libnginx-mod-http-lua lua-cjson lua5.1 >/dev/null)) ) \
 	   || echo "note: nginx with the Lua module not installed; recserve serve needs it (apt-get install nginx-light libnginx-mod-http-lua lua-cjson) or --no-front-door"; fi
+	@# tests/unit/test_deploy.py checks the Prometheus rules and config with promtool (Debian package prometheus).
+	@if ! command -v promtool >/dev/null; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)) ) \
+	   || echo "note: promtool not installed; the Prometheus checks of tests/unit/test_deploy.py will skip (apt-get install prometheus)"; fi
 	touch $(STAMP)
 
 demo: venv

@@ -374,6 +374,8 @@ class TritonServer:
             *(("--grpc-address=127.0.0.1", f"--grpc-port={self.triton_grpc_port}") if self.front_door_enabled
               else (f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}")),
             "--allow-metrics=true",
+            # latency quantiles (p50 .. p99.9) per model: what deploy/prometheus's p99 alert reads
+            "--metrics-config=summary_latencies=true",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",

@@ -1,0 +1,111 @@
+"""The metrics contract of deploy/: every family in deploy/prometheus/exported-metrics.txt (the names the alert
+rules and the Grafana dashboard may use; tests/unit/test_deploy.py checks they use no other) is exported by the
+session's real server after some traffic.
+
+Two kinds of exception, stated in that file:
+- `until-sampled`: Triton prints nothing for a counter family, not even its # HELP and # TYPE lines, until one
+  of its series exists, and recserve creates a series at its first increment. recserve_fallbacks_total therefore
+  appears only after a fallback, which healthy traffic never causes; it must appear once any answer's source
+  was `fallback` (every such answer counts one).
+- `flag=ARG`: exported only when tritonserver runs with ARG (the latency summaries); required when the server's
+  command line has it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from recserve.client import RecClient
+
+pytestmark = pytest.mark.integration
+
+EXPORTED_FILE = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "exported-metrics.txt"
+UNKNOWN_USER = 987654321          # never seen: answered with source="popular"
+SUMMARY_SUFFIXES = ("_count", "_sum")
+
+
+def read_exported(path: Path = EXPORTED_FILE) -> dict[str, list[str]]:
+    """{family name: its qualifiers} (the same parser as tests/unit/test_deploy.py)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            out[words[0]] = words[1:]
+    return out
+
+
+def families(text: str) -> set[str]:
+    """Families with a # TYPE line or a sample (a summary's NAME_count / NAME_sum count as NAME)."""
+    names = set(re.findall(r"^# TYPE ([A-Za-z_:][\w:]*) ", text, re.M))
+    for sample in re.findall(r"^([A-Za-z_:][\w:]*)[{ ]", text, re.M):
+        names.add(sample)
+        names.update(sample[: -len(s)] for s in SUMMARY_SUFFIXES if sample.endswith(s))
+    return names
+
+
+def _value(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def metrics_text(served) -> str:
+    users = np.load(served.repository / "retrieval" / "1" / "users.npz")["user_ids"]
+    with RecClient(served.url("grpc")) as client:
+        for user in users[:8]:
+            client.recommend(int(user), k=5)
+        assert client.recommend(UNKNOWN_USER, k=5).source == "popular"
+    with RecClient(served.url("http"), "http") as client:
+        client.recommend(int(users[0]), k=5)
+    url = f"http://127.0.0.1:{served.server.metrics_port}/metrics"
+    wanted = {n for n, words in read_exported().items() if not words}
+    deadline = time.monotonic() + 15            # CPU metrics are polled (every 2 s by default)
+    while True:
+        text = requests.get(url, timeout=5).text
+        if wanted <= families(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_every_listed_family_is_exported(served, metrics_text):
+    exported = families(metrics_text)
+    command = " ".join(served.server.command(Path("backends")))
+    missing, skipped = [], []
+    for name, words in read_exported().items():
+        flags = [w.removeprefix("flag=") for w in words if w.startswith("flag=")]
+        if flags and not all(flag in command for flag in flags):
+            skipped.append(name)                  # not enabled on this server's command line
+            continue
+        if "until-sampled" in words and name not in exported:
+            continue                              # checked below where it applies
+        if name not in exported:
+            missing.append(name)
+    assert not missing, f"listed in {EXPORTED_FILE.name} but not exported: {missing}"
+    assert 'recserve_responses_total{source="popular"}' in metrics_text
+    assert 'recserve_responses_total{source="personalized"}' in metrics_text
+
+
+def test_fallbacks_appear_once_a_fallback_was_answered(metrics_text):
+    fallback_answers = _value(metrics_text, 'recserve_responses_total{source="fallback"}')
+    if fallback_answers > 0:
+        assert "# TYPE recserve_fallbacks_total counter" in metrics_text
+    else:
+        # Triton prints no line at all for the family before its first sample; the alert rule still parses.
+        assert "recserve_fallbacks_total" not in metrics_text
+
+
+def test_recserves_own_families_are_all_listed(metrics_text):
+    listed = read_exported()
+    own = sorted(n for n in families(metrics_text) if n.startswith("recserve_"))
+    assert own and all(n in listed for n in own), own
+
+
+def test_failures_carry_the_reason_label_the_dashboard_groups_by(metrics_text):
+    assert re.search(r'^nv_inference_request_failure\{model="recommend",reason="\w+",version="1"\}', metrics_text,
+                     re.M), "Triton's failure counter has no reason label"
