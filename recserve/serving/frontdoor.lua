@@ -221,6 +221,17 @@ function M.ready()
     end
 end
 
+-- gRPC ServerReady: UNAVAILABLE while not ready (a trailers-only answer, as nginx's gRPC error pages give)
+function M.grpc_ready()
+    local state = ngx.shared.recserve:get("state") or "starting"
+    if state ~= "ready" then
+        ngx.header["Content-Type"] = "application/grpc"
+        ngx.header["grpc-status"] = "14"
+        ngx.header["grpc-message"] = ("not ready: " .. state):gsub("[^%w%s%.,:;_%-()]", "")
+        return ngx.exit(204)
+    end
+end
+
 -- POST /state on the control socket (the `recserve serve` supervisor only)
 function M.set_state()
     ngx.req.read_body()

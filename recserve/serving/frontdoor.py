@@ -11,8 +11,8 @@ in front of such a server; with lua-nginx-module it checks each inference body a
 - a body larger than its model's largest valid request is refused before it is read (413);
 - names, datatypes, shapes against data, batch sizes and integer ranges are checked (400 naming the field);
 - at most `max_inflight` requests are in flight; the rest get 503 at once (Triton's queues shed the rest);
-- `/v2/health/ready` answers 503 while the supervisor restores a model or the server drains (shared state set
-  through a unix socket only the server's owner can reach).
+- `/v2/health/ready` answers 503, and gRPC ServerReady UNAVAILABLE, while the supervisor restores a model or
+  the server drains (shared state set through a unix socket only the server's owner can reach).
 
 gRPC goes through nginx too (HTTP/2, `grpc_pass`): only the inference, health and metadata methods are routed
 (PERMISSION_DENIED otherwise), bodies are bounded by the largest valid request, requests in flight are bounded
@@ -122,6 +122,10 @@ def _grpc_server(listen: str, upstream_port: int, max_body: int, max_inflight: i
     client_max_body_size {max_body // 1024 + 1}k;
     client_body_buffer_size {max_body // 1024 + 1}k;
     grpc_read_timeout 30s;
+    location = /inference.GRPCInferenceService/ServerReady {{
+      access_by_lua_block {{ frontdoor.grpc_ready() }}
+      grpc_pass grpc://triton_grpc;
+    }}
     location ~ ^/inference\.GRPCInferenceService/({methods})$ {{ grpc_pass grpc://triton_grpc; }}
     location / {{ return 403; }}
     # gRPC statuses in a trailers-only answer (nginx's documented pattern for gRPC error pages)

@@ -252,3 +252,26 @@ def test_grpc_overload_is_shed_with_unavailable_at_the_front_door(served, expect
     assert codes.get("OK", 0) > 0 and codes.get("UNAVAILABLE", 0) > 0, codes
     assert all("overloaded" in m for m in messages), messages
     still_serving(served, expected)
+
+
+def test_readiness_follows_the_supervisors_state_over_both_protocols(served):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.url("grpc")))
+    ready_url = f"http://{served.url('http')}/v2/health/ready"
+    assert requests.get(ready_url, timeout=5).status_code == 200
+    assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
+    door = served.server.front_door
+    try:
+        assert door.set_state("restoring ranker: a test")
+        r = requests.get(ready_url, timeout=5)
+        assert r.status_code == 503 and "restoring ranker" in r.json()["error"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "restoring ranker" in err.value.details()
+        # inference is not refused meanwhile: live instances keep answering
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5).live
+    finally:
+        door.set_state("ready")
+    assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
