@@ -4,8 +4,9 @@ The served-vs-offline parity test scores it over the test split, and the plain F
 serving benchmark serves it. It follows the serving spec's wiring, as the ensemble and the client do.
 
 `serve` is the embedded `recommend` model's whole answer (spec.OPTIONS): every row gets a list and a `source`.
-- a known user: retrieval, then the ranker graph (`personalized`); the ranker failing: the retrieval order, and
-  retrieval failing: popular items (both `fallback`, counted through `on_fallback`);
+- a known user: retrieval, then the ranker graph (`personalized`); the ranker failing or taking longer than
+  `ranker_timeout`: the retrieval order, and retrieval failing: popular items (both `fallback`, counted through
+  `on_fallback`);
 - an unknown user with a `history` of known items: the user tower run on that history (with the id of the
   user nearest the average, `items.npz` proxy_user, and the `segment` codes or the commonest ones), the same
   candidate rule over it, in retrieval order (`history`): the ranker's user features would be another user's;
@@ -17,6 +18,8 @@ serving benchmark serves it. It follows the serving spec's wiring, as the ensemb
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ EXPLORE_MODES = {0: "none", 1: "epsilon", 2: "softmax"}
 class LocalPipeline:
     """`recommend` over a repository written by `recserve export repository`, in this process."""
 
-    def __init__(self, repository: Path, threads: int = 1):
+    def __init__(self, repository: Path, threads: int = 1, ranker_timeout: float = 0.25):
         repository = Path(repository)
         manifest = json.loads((repository / "manifest.json").read_text())
         self.k_max = int(manifest["k_max"])
@@ -51,6 +54,32 @@ class LocalPipeline:
             self.proxy_user, self.history_len = int(z["proxy_user"]), int(z["history_len"])
         self.raw_tower = ort_session(version / "user_tower_raw.onnx", threads)
         self.on_fallback = lambda kind: None     # the served model counts them in a metric
+        # The ranker's run is cut short past `ranker_timeout` seconds (ONNX Runtime's RunOptions.terminate, set by
+        # one watchdog thread) and the retrieval order is served instead; a batch normally takes 1-10 ms.
+        self.ranker_timeout = float(ranker_timeout)
+        self._watch: tuple[object, float] | None = None
+        if self.ranker_timeout > 0:
+            threading.Thread(target=self._watchdog, name="ranker-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(min(0.01, self.ranker_timeout / 4))
+            watch = self._watch
+            if watch is not None and time.monotonic() > watch[1]:
+                watch[0].terminate = True
+
+    def _rank(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The ranker graph, with the timeout; raises when it fails or runs out of time."""
+        if self.ranker_timeout <= 0:
+            return self.ranker.run(self.outputs, feed)
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        self._watch = (opts, time.monotonic() + self.ranker_timeout)
+        try:
+            return self.ranker.run(self.outputs, feed, run_options=opts)
+        finally:
+            self._watch = None
 
     # -- the embedded `recommend` model: every request answered, with its source -------------------------
 
@@ -136,11 +165,13 @@ class LocalPipeline:
             ids, sc = zip(*(self._top(self.cold.popular(int(h), int(w)), None) for h, w in zip(hour[:, 0],
                                                                                             weekday[:, 0])))
             return np.stack(ids), np.stack(sc), "fallback"
+        started = time.monotonic()
         try:
-            out = dict(zip(self.outputs, self.ranker.run(self.outputs, {n: tensors[n] for n in self.ranker_inputs})))
+            out = dict(zip(self.outputs, self._rank({n: tensors[n] for n in self.ranker_inputs})))
             return out["item_ids"], out["scores"], "personalized"
-        except Exception:  # noqa: BLE001 - the ranker failing serves the retrieval order
-            self.on_fallback("ranker")
+        except Exception:  # noqa: BLE001 - the ranker failing or timing out serves the retrieval order
+            timed_out = self.ranker_timeout > 0 and time.monotonic() - started >= self.ranker_timeout
+            self.on_fallback("ranker_timeout" if timed_out else "ranker")
             return (*self._retrieval_order(tensors["cand_idx"], tensors["cand_src"]), "fallback")
 
     def _retrieval_order(self, cand: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

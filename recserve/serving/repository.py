@@ -134,6 +134,10 @@ def model_config(name: str, sizes: dict[str, int], opts: RepoOptions, squeeze: t
     return cfg
 
 
+# Past this, `recommend` cuts the ranker's run short and serves the retrieval order (a batch takes 1-10 ms here).
+RANKER_TIMEOUT_MS = 250
+
+
 def model_batch_size(name: str, flavor: str) -> int:
     """max_batch_size of a served model, as its config says (the front door bounds requests by it)."""
     if name == spec.ENSEMBLE:
@@ -161,7 +165,8 @@ def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
             # No `response_cache`: Triton 2.51's cache stores a model's per-request error (k or hour out of range)
             # as an empty 200 answer and serves that to the next identical request (measured: README "Request-time
             # behaviours"); RecClient(cache_ttl=...) caches on the client instead.
-            "parameters": {"threads": {"string_value": str(opts.step_threads)}}}
+            "parameters": {"threads": {"string_value": str(opts.step_threads)},
+                           "ranker_timeout_ms": {"string_value": str(RANKER_TIMEOUT_MS)}}}
 
 
 def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:

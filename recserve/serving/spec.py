@@ -165,7 +165,7 @@ STEPS = (
 # server every step is a python-backend process, and a hop between two costs more than the work of either
 # (measured: README "Serving"). The step models stay served for the client's pipeline mode.
 FUSED = Step(ENSEMBLE, "python", "candidate", inputs=REQUEST + OPTIONS, outputs=RESPONSE + OPTION_RESPONSE,
-             files=(), params=("threads",), on_path=False,
+             files=(), params=("threads", "ranker_timeout_ms"), on_path=False,
              doc="embedded flavor: the steps of the path run in one process (reads the step models' files); also "
                  "answers unknown users (history, segment, popular), applies the rules and exploration, and falls "
                  "back to the retrieval order or popular items when a step fails")

@@ -90,3 +90,27 @@ def test_a_failing_retrieval_serves_popular_items(pipeline, monkeypatch):
 def test_bad_options_are_refused_naming_the_field(pipeline, options, words):
     with pytest.raises(RequestError, match=words):
         _request(pipeline, [int(pipeline.retriever.user_ids[0])], **options)
+
+
+def test_a_ranker_past_its_timeout_is_cut_short_and_the_retrieval_order_served(pipeline, monkeypatch):
+    """The watchdog sets ONNX Runtime's RunOptions.terminate; a run that honours it ends and the fallback serves."""
+    import time
+
+    seen = []
+    monkeypatch.setattr(pipeline, "on_fallback", seen.append)
+    monkeypatch.setattr(pipeline, "ranker_timeout", 0.05)
+
+    class Slow:                      # behaves as ONNX Runtime does when terminate is set mid-run
+        def run(self, outputs, feed, run_options=None):
+            t0 = time.monotonic()
+            while not run_options.terminate:
+                if time.monotonic() - t0 > 5:
+                    return None      # the watchdog never fired: the test fails below
+                time.sleep(0.001)
+            raise RuntimeError("Exiting due to terminate flag being set to true.")
+
+    monkeypatch.setattr(pipeline, "ranker", Slow())
+    t0 = time.monotonic()
+    out = pipeline.serve([_request(pipeline, [int(pipeline.retriever.user_ids[3])], k=4)])[0]
+    assert out["source"][0, 0] == b"fallback" and seen == ["ranker_timeout"]
+    assert time.monotonic() - t0 < 1.0

@@ -24,7 +24,8 @@ class TritonPythonModel(BatchedModel):
 
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         root = self.repository.parent
-        self.pipeline = LocalPipeline(root, threads=int(params.get("threads", "1")))
+        self.pipeline = LocalPipeline(root, threads=int(params.get("threads", "1")),
+                                      ranker_timeout=float(params.get("ranker_timeout_ms", "250")) / 1000)
         check_item_tower(self.pipeline.retriever.meta, root / "retrieval")
         self._counters: dict[tuple[str, str], object] = {}
         self._families = {}
