@@ -433,8 +433,9 @@ def _load(path: str | Path, what: str, emit: Callable[[str], Any]) -> np.ndarray
 def artifact_vectors(artifacts: str | Path, view: str = "serve") -> tuple[np.ndarray, np.ndarray]:
     """(items, queries) of a trained model, as `recserve export repository` indexes and measures them: the blend item
     matrix (`Blend.item_matrix` over the view's tables) and every user's blend vector through the served user graph
-    (`repository._user_queries`), users being held out from the items by construction. Not normalised: the
-    served index searches these inner products as they are."""
+    (`repository._user_queries`), users being held out from the items by construction. The items are made equal in
+    norm and the queries padded (`recserve.export.index.equal_norm`), as the served approximate indexes are: the
+    inner products, and so exact search, are unchanged."""
     import tempfile
 
     import onnx
@@ -451,7 +452,9 @@ def artifact_vectors(artifacts: str | Path, view: str = "serve") -> tuple[np.nda
     with tempfile.TemporaryDirectory() as tmp:
         user_graph = graphs.save(graphs.user_graph(onnx.load(files["user_tower"]), tables), Path(tmp) / "user.onnx")
         queries = _user_queries(user_graph, load_blend(artifacts), src, limit=len(tables.user_ids))
-    return _as_f32(items), _as_f32(queries)
+    from recserve.export.index import equal_norm, pad_queries
+
+    return equal_norm(_as_f32(items)), pad_queries(_as_f32(queries))
 
 
 def run_bench(items: int | None = None, dim: int = 64, vectors: str | Path | None = None,
@@ -463,7 +466,7 @@ def run_bench(items: int | None = None, dim: int = 64, vectors: str | Path | Non
               artifacts: str | Path | None = None) -> dict:
     """The benchmark on `vectors` (.npy items) and `queries` (.npy held-out user vectors; without it, `n_queries`
     seeded rows of `vectors` are held out as queries), on a trained model's `artifacts` (`artifact_vectors`: blend
-    items, users as queries, not normalised), or on `synthetic_catalogue(items, n_queries, dim, seed)`.
+    items made equal in norm, users as queries), or on `synthetic_catalogue(items, n_queries, dim, seed)`.
     At most `n_queries` queries (a seeded subset). Writes `json_path` / `png_path` when given; returns the result."""
     emit = (lambda m: print(m, flush=True)) if log is print else (log or (lambda _m: None))
     rng = np.random.default_rng(seed)
@@ -471,7 +474,7 @@ def run_bench(items: int | None = None, dim: int = 64, vectors: str | Path | Non
     if artifacts is not None:
         X, Q = artifact_vectors(artifacts)
         source = f"artifacts {artifacts}: blend item matrix, {len(Q)} users' blend vectors as queries"
-        metric = "inner product on the served blend vectors (not normalised)"
+        metric = "inner product on the served blend vectors, made equal in norm (not normalised)"
         if len(Q) > n_queries:
             Q = Q[np.sort(rng.choice(len(Q), n_queries, replace=False))]
     elif vectors is not None:

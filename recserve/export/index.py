@@ -172,6 +172,25 @@ def _cover_fetch(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, queri
                   "qps": round(qps, 1), "exact_qps": round(exact_qps, 1)}
 
 
+def equal_norm(items: np.ndarray) -> np.ndarray:
+    """Items with one more column, sqrt(M^2 - |x|^2) (M = the largest norm), so that every row has norm M.
+
+    The served vectors are blends (towers, ALS factors, a popularity column) of unequal norms, and approximate
+    indexes under inner product do badly on those (IVF recall@100 0.36 on ML-100K's). A query with a 0 appended
+    (`pad_queries`) has the same inner product with each item as before, so the exact ranking is unchanged,
+    while the items now lie on a sphere, where IVF's cells and HNSW's graph work (Bachrach et al., 2014)."""
+    x = np.ascontiguousarray(items, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)[:, None]
+    return np.ascontiguousarray(np.hstack([x, extra]))
+
+
+def pad_queries(queries: np.ndarray) -> np.ndarray:
+    """Queries with a 0 appended: the partner of `equal_norm`."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    return np.ascontiguousarray(np.hstack([q, np.zeros((len(q), 1), np.float32)]))
+
+
 def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
     """Share of the exact top-k (inner product) that `index` also returns, averaged over queries."""
     exact = faiss.IndexFlatIP(vectors.shape[1])

@@ -31,7 +31,15 @@ from tritonclient.grpc import model_config_pb2
 from recserve.errors import ArtifactError
 from recserve.export import graphs
 from recserve.export.index import KINDS as INDEX_KINDS
-from recserve.export.index import IndexSpec, auto_index, build_index, describe, recall_vs_exact
+from recserve.export.index import (
+    IndexSpec,
+    auto_index,
+    build_index,
+    describe,
+    equal_norm,
+    pad_queries,
+    recall_vs_exact,
+)
 from recserve.integrity import code_hashes, repository_hashes, sha256_of
 from recserve.serving import spec
 from recserve.sources import Blend, ViewSources, load_blend, load_view, save_sources
@@ -347,20 +355,27 @@ def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.n
     import faiss
 
     held = queries[:CHOOSE_QUERIES]
+    # approximate kinds search the items made equal in norm (one more column; queries get a 0): the same inner
+    # products, on a sphere (`equal_norm`); exact search keeps the plain vectors, bit for bit what evaluation ranks
+    sphere, sphere_q = equal_norm(items), pad_queries(held)
     chosen = None
     if opts.index.kind == "auto":
-        index, resolved, chosen = auto_index(items, held, k=opts.recall_k, target_recall=AUTO_TARGET_RECALL,
+        index, resolved, chosen = auto_index(sphere, sphere_q, k=opts.recall_k, target_recall=AUTO_TARGET_RECALL,
                                              fetch_k=fetch_k, threads=opts.step_threads or None)
+        if resolved.kind == "flat":
+            index, resolved = build_index(items, resolved, fetch_k=fetch_k)
     else:
-        index, resolved = build_index(items, opts.index, fetch_k=fetch_k)
+        index, resolved = build_index(items if opts.index.kind == "flat" else sphere, opts.index, fetch_k=fetch_k)
+    augmented = resolved.kind != "flat"
+    vecs, qs = (sphere, sphere_q) if augmented else (items, held)
     faiss.write_index(index, str(dest / "index.faiss"))
-    recall = recall_vs_exact(index, items, held, opts.recall_k)
+    recall = recall_vs_exact(index, vecs, qs, opts.recall_k)
     info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(items.shape[1]),
-            "metric": "inner_product", "candidates": opts.candidates,
+            "metric": "inner_product", "equal_norm": augmented, "candidates": opts.candidates,
             "recall_k": min(opts.recall_k, len(items)), "recall_vs_exact": round(recall, 5),
             "queries": int(len(held)), "fetch_k": int(fetch_k)}
     if resolved.kind != "flat" and fetch_k:
-        info["recall_at_fetch_k"] = round(recall_vs_exact(index, items, held, fetch_k), 5)
+        info["recall_at_fetch_k"] = round(recall_vs_exact(index, vecs, qs, fetch_k), 5)
     if chosen is not None:
         info["auto"] = chosen
     info.update({"item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),

@@ -160,9 +160,14 @@ def test_cli_bench_index_refuses_unknown_kinds_in_one_line(tmp_path):
 
 
 def test_bench_on_artifacts_uses_the_served_blend_vectors(tiny_artifacts, repos):
+    from recserve.export.index import equal_norm
+
     items, queries = bi.artifact_vectors(tiny_artifacts)
     served = np.load(repos["flat"] / "retrieval" / "1" / "blend_items.npy")
-    np.testing.assert_array_equal(items, served)
+    np.testing.assert_array_equal(items, equal_norm(served))       # as the served approximate indexes see them
+    norms = np.linalg.norm(items, axis=1)
+    np.testing.assert_allclose(norms, norms.max(), rtol=1e-5)
+    assert not queries[:, -1].any()                                 # queries padded with 0: the same products
     assert queries.shape[1] == items.shape[1] and len(queries) == _index_info(repos["flat"])["queries"]
     r = bi.run_bench(artifacts=tiny_artifacts, n_queries=50, kinds=("flat",), log=None, **FAST)
     assert (r["items"], r["queries"]) == (len(items), 50) and "not normalised" in r["metric"]

@@ -116,6 +116,12 @@ class Retriever:
         self.blend = Blend(json.loads((version_dir / "blend.json").read_text())["coef"])
         self.items = np.load(version_dir / "blend_items.npy")
 
+    def _q(self, query: np.ndarray) -> np.ndarray:
+        """The index's form of a query: a 0 appended when the items were made equal in norm (index.json)."""
+        if not self.meta.get("equal_norm"):
+            return query
+        return np.hstack([query, np.zeros((len(query), 1), np.float32)])
+
     def user_vectors(self, user_idx: np.ndarray) -> np.ndarray:
         return self.user_tower.run(["user_vec"], {"user_idx": user_idx.reshape(-1, 1)})[0]
 
@@ -124,7 +130,7 @@ class Retriever:
         users = user_idx.reshape(-1)
         als_user = self.sources.als_user[users]
         query = self.blend.query(user_vec, als_user)
-        _, ids = self.index.search(query, fetch_size(users, self.seen, self.k, self.index.ntotal))
+        _, ids = self.index.search(self._q(query), fetch_size(users, self.seen, self.k, self.index.ntotal))
         nbr_rows = self.sources.neighbour_rows(users)
         cand = assemble(unseen_candidates(ids, users, self.seen, self.k), nbr_rows, users, self.seen,
                         self.sources, self.k)
@@ -138,7 +144,7 @@ class Retriever:
         users = np.zeros(1, np.int64)
         als_user = np.zeros((1, self.sources.als_user.shape[1]), np.float32)
         query = self.blend.query(user_vec, als_user)
-        _, ids = self.index.search(query, min(self.index.ntotal, self.k + len(h)))
+        _, ids = self.index.search(self._q(query), min(self.index.ntotal, self.k + len(h)))
         recent = np.asarray(history[::-1][:self.sources.recent.shape[1]], np.int64)
         x = sp.csr_matrix((np.ones(len(recent), np.float32), (np.zeros(len(recent), np.int64), recent)),
                           shape=(1, self.sources.nbr.shape[0]))
