@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import parse_wrk, wrk_command  # noqa: E402
 
 from recserve.server import TritonServer, free_port  # noqa: E402
+from recserve.serving.frontdoor import access_log_times  # noqa: E402
 from recserve.supervisor import stub_instances  # noqa: E402
 
 
@@ -48,18 +47,6 @@ def rss_mb(server: TritonServer) -> float:
         except (OSError, StopIteration):
             pass
     return kb / 1024
-
-
-def split_by_status(log: Path, offset: int) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {}
-    with open(log, "rb") as f:
-        f.seek(offset)
-        for line in f.read().decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) >= 4 and parts[0].isdigit() and parts[3].endswith("/infer"):
-                times.setdefault(parts[0], []).append(float(parts[1]) * 1000)
-    return {s: {"count": len(v), "p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)),
-                "max_ms": float(np.max(v))} for s, v in sorted(times.items())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             stats = parse_wrk(proc.stdout + proc.stderr)
             after = rss_mb(server)
             time.sleep(1.5)              # the access log is flushed each second
-            split = split_by_status(log, offset)
+            split = {str(k): v for k, v in access_log_times(log, offset, infer_only=True).items()}
             ok, shed = split.get("200", {}), split.get("503", {})
             other = {s: v["count"] for s, v in split.items() if s not in ("200", "503")}
             cell = {"connections": c, "server": split, "wrk": stats, "rss_before_mb": before, "rss_after_mb": after}

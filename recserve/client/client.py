@@ -351,6 +351,7 @@ class RecClient:
         self.cache_ttl = float(cache_ttl)
         self._cache: dict[tuple, tuple[float, Recommendation]] = {}
         self.cache_hits = self.cache_misses = 0
+        self._options_served: bool | None = None
         self._transport = _Transport(protocol, self.url, self.timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -507,7 +508,7 @@ class RecClient:
 
     def _has_options(self) -> bool:
         """Whether the served `recommend` answers `source` / `propensity` (the embedded flavor; cached)."""
-        if not hasattr(self, "_options_served"):
+        if self._options_served is None:
             config = self._transport.model_config(spec.ENSEMBLE)
             self._options_served = any(o.get("name") == "source" for o in config.get("output", []))
         return self._options_served

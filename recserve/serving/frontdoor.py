@@ -255,6 +255,22 @@ http {{
 """
 
 
+def access_log_times(log: Path, offset: int = 0, infer_only: bool = False) -> dict[int, dict[str, float]]:
+    """{status: {count, p50_ms, p99_ms, max_ms}} of the front door's own request times (`nginx_conf`'s `timing`
+    format: status, seconds, upstream seconds, path), from byte `offset` of the access log on."""
+    import numpy as np
+
+    times: dict[int, list[float]] = {}
+    with open(log, "rb") as f:
+        f.seek(offset)
+        for line in f.read().decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0].isdigit() and (not infer_only or parts[3].endswith("/infer")):
+                times.setdefault(int(parts[0]), []).append(float(parts[1]) * 1000)
+    return {s: {"count": len(v), "p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)),
+                "max_ms": float(np.max(v))} for s, v in sorted(times.items())}
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float = 2.0):
         super().__init__("localhost", timeout=timeout)

@@ -32,6 +32,7 @@ from recserve.serving.steps.base import RequestError, ort_session
 from recserve.serving.steps.retrieval import Retriever, check_request
 
 EXPLORE_MODES = {0: "none", 1: "epsilon", 2: "softmax"}
+OPTIONS_KEY = "__options"   # a checked request's parsed options, one (rules, history, segment) per row
 
 
 class LocalPipeline:
@@ -130,7 +131,7 @@ class LocalPipeline:
         groups: dict[tuple[Rules, int], list[int]] = {}
         for j, (i, r) in enumerate(rows):
             req = requests[i]
-            rules, history, segment = self.options(req, r)
+            rules, history, segment = req[OPTIONS_KEY][r] if OPTIONS_KEY in req else self.options(req, r)
             if idx[j] < 0:
                 ranked_ids[j], ranked_scores[j], source[j] = self._cold(req, r, history, segment)
             groups.setdefault((rules, int(req["k"][r, 0])), []).append(j)
@@ -246,6 +247,10 @@ class LocalPipeline:
     def recommend(self, user_ids: np.ndarray, k: int, hour: np.ndarray, weekday: np.ndarray) -> np.ndarray:
         """(B, k) raw item ids for many users at once (-1 where fewer items exist)."""
         col = lambda a, dtype=np.int64: np.asarray(a, dtype).reshape(-1, 1)  # noqa: E731
-        out = self({"user_id": col(user_ids), "k": col(np.full(len(user_ids), k), np.int32),
-                    "hour": col(hour), "weekday": col(weekday)})
-        return out["item_ids"][:, :k]
+        request = {"user_id": col(user_ids), "k": col(np.full(len(user_ids), k), np.int32),
+                   "hour": col(hour), "weekday": col(weekday)}
+        check_request(request, self.retriever.user_ids, self.k_max, allow_unknown=True)
+        ids = self.serve([request])[0]["item_ids"]     # what the served `recommend` runs
+        out = np.full((len(ids), k), -1, np.int64)
+        out[:, :min(k, ids.shape[1])] = ids[:, :k]
+        return out

@@ -13,6 +13,7 @@ import requests
 from guarded import ServeProcess, long_run, record, still_serving
 from load import recommend_body, run_load
 
+from recserve.serving.frontdoor import access_log_times
 from recserve.supervisor import stub_instances
 
 READY_WITHIN_S = 10.0
@@ -148,21 +149,6 @@ def test_killing_the_wrapper_with_sigkill_leaves_no_orphan_serving(repository, t
         requests.get(f"http://127.0.0.1:{srv.http}/v2/health/ready", timeout=2)
 
 
-def _access_log_ms(log: Path, offset: int) -> dict[int, dict[str, float]]:
-    """{status: {p50, p99, max}} in ms of the front door's own request times, from `offset` on."""
-    import numpy as np
-
-    times: dict[int, list[float]] = {}
-    with open(log, "rb") as f:
-        f.seek(offset)
-        for line in f.read().decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].isdigit():
-                times.setdefault(int(parts[0]), []).append(float(parts[1]) * 1000)
-    return {s: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)), "max": float(max(v))}
-            for s, v in times.items()}
-
-
 def _rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -201,7 +187,7 @@ def test_overload_of_1024_connections_is_shed_with_503_and_memory_stays_bounded(
     r = run_load("127.0.0.1", served.http_port, 1024, seconds, [recommend_body(u) for u in users], backoff=backoff)
     rss_after = _rss_mb(pids)
     time.sleep(1.2)                       # nginx flushes its access log each second
-    server_side = _access_log_ms(log, offset)
+    server_side = access_log_times(log, offset)
     figures = {"connections": 1024, "seconds": seconds, "answered": r.count(200), "shed": r.count(503),
                "answered_rps": round(r.count(200) / r.seconds), "answered_p50_ms": round(r.p(200, 50), 1),
                "answered_p99_ms": round(r.p(200, 99), 1), "shed_p50_ms": round(r.p(503, 50), 2),
@@ -209,9 +195,9 @@ def test_overload_of_1024_connections_is_shed_with_503_and_memory_stays_bounded(
                "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
                # what the front door itself measured (nginx $request_time, ms resolution): the client above is
                # Python on the same two cores, so its figures include its own queueing
-               "server_answered_p99_ms": server_side.get(200, {}).get("p99"),
-               "server_shed_p99_ms": server_side.get(503, {}).get("p99"),
-               "server_shed_max_ms": server_side.get(503, {}).get("max")}
+               "server_answered_p99_ms": server_side.get(200, {}).get("p99_ms"),
+               "server_shed_p99_ms": server_side.get(503, {}).get("p99_ms"),
+               "server_shed_max_ms": server_side.get(503, {}).get("max_ms")}
     record(f"overload ({'backoff' if backoff else 'hammer'})", **figures)
     assert set(r.statuses) <= {200, 503}, r.summary()
     assert r.count(200) > 0 and r.count(503) > 0, r.summary()

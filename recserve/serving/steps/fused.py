@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.serving import spec
-from recserve.serving.local import LocalPipeline
+from recserve.serving.local import OPTIONS_KEY, LocalPipeline
 from recserve.serving.steps.base import BatchedModel, log
 from recserve.serving.steps.retrieval import check_item_tower, check_request
 
@@ -52,8 +52,7 @@ class TritonPythonModel(BatchedModel):
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         check_request(inputs, self.pipeline.retriever.user_ids, self.pipeline.k_max, allow_unknown=True)
-        for row in range(len(inputs["user_id"])):
-            self.pipeline.options(inputs, row)
+        inputs[OPTIONS_KEY] = [self.pipeline.options(inputs, row) for row in range(len(inputs["user_id"]))]
 
     def _run(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         outputs = self.pipeline.serve(batches)
