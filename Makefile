@@ -48,8 +48,9 @@ demo: venv
 	$(BIN)/recserve demo --work $(WORK) --repository $(REPOSITORY) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
+# The whole suite takes about 3 minutes here; `timeout` ends it (with a failure) should anything ever hang.
 test: venv
-	$(BIN)/python -m pytest -q tests
+	timeout -k 30 1800 $(BIN)/python -m pytest -q tests
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit

@@ -238,6 +238,8 @@ def serve(
                                        help="Expose Triton's own HTTP port, without the nginx front door (unsafe)."),
     drain_timeout: float = typer.Option(5.0, help="Seconds a stop (SIGTERM, Ctrl-C) waits for requests in flight."),
     access_log: Path | None = typer.Option(None, help="Front door access log: status, seconds, upstream s, path."),
+    max_restarts: int = typer.Option(3, min=0, help="Times tritonserver is started again after it stopped by itself, "
+                                                    "within 10 minutes; past that `serve` exits with the cause."),
 ):
     """Start the real tritonserver on a model repository, behind the front door; SIGTERM or Ctrl-C drains and stops."""
     from recserve.server import serve as run_server
@@ -245,7 +247,7 @@ def serve(
     sys.exit(run_server(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                         host=host, log_verbose=log_verbose, verify=not no_verify,
                         front_door=False if no_front_door else None, drain_timeout=drain_timeout,
-                        access_log=access_log))
+                        access_log=access_log, max_restarts=max_restarts))
 
 
 from recserve.client.cli import recommend_command  # noqa: E402

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TextIO
 
@@ -191,6 +191,10 @@ def _failure_reason(lines: Sequence[str], port_flags: dict[int, str], backend_di
         match = _REPO_ERROR.search(line)
         if match:
             return f"model repository rejected: {match.group(1).strip().rstrip(chr(34))}"
+    for line in reversed(lines):
+        # an abort in C++: `terminate called after throwing an instance of 'boost::interprocess::lock_exception'`
+        if line.startswith("terminate called"):
+            return line.strip()
     errors = [line.strip() for line in lines if not any(noise in line.lower() for noise in _NOISE)]
     for line in reversed(errors):
         if line.startswith("error:") or "failed to start" in line:
@@ -229,6 +233,9 @@ class TritonServer:
         access_log: the front door's access log (status, seconds, upstream seconds, path per request); off when None.
         restricted: Triton APIs that need the admin key (`RESTRICTED`); a benchmark may open `statistics`, which
             perf_analyzer reads over gRPC and cannot send a key for.
+        max_restarts: times the supervisor starts tritonserver again after it stopped by itself, within
+            `recserve.supervisor.RESTART_WINDOW_S`; beyond that the server stays down and `serve` exits with the
+            cause (a process manager, Kubernetes say, restarts the whole thing). 0: never.
     """
 
     def __init__(
@@ -249,6 +256,7 @@ class TritonServer:
         drain_timeout: float = 5.0,
         access_log: str | os.PathLike[str] | None = None,
         restricted: str = RESTRICTED,
+        max_restarts: int = 3,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}.")
@@ -291,6 +299,8 @@ class TritonServer:
         self.supervisor = None
         self.leaked_shm: list[str] = []
         self._stopped = False
+        self._life_lock = threading.RLock()      # a stop and a restart by the supervisor never interleave
+        self.max_restarts = max_restarts
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -409,21 +419,26 @@ class TritonServer:
             find_nginx()                      # says how to install it before anything starts
             self.triton_http_port, self.triton_grpc_port = free_port(), free_port()
         self._workdir = Path(tempfile.mkdtemp(prefix="recserve-triton-"))
-        backend_dir = prepare_backend_dir(self._workdir / "backends")
+        self._backend_dir = prepare_backend_dir(self._workdir / "backends")
         if self._log_path is None:
             self._log_path = self._workdir / "tritonserver.log"
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._launch("w")
+        return self
+
+    def _launch(self, log_mode: str) -> None:
+        """Run the tritonserver process and the thread that tails its output into the log."""
+        assert self._backend_dir is not None and self._log_path is not None and self._workdir is not None
         env = dict(os.environ)
         # The stub runs the first python on PATH: make it this environment's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["PYTHONDONTWRITEBYTECODE"] = "1"   # nothing is written into the (verified) repository
-        self._backend_dir = backend_dir
         # Closed by the reader thread when the server's output ends.
-        self._log_handle = open(self._log_path, "w", encoding="utf-8")
+        self._log_handle = open(self._log_path, log_mode, encoding="utf-8")
         try:
             self._proc = subprocess.Popen(
-                self.command(backend_dir),
+                self.command(self._backend_dir),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -436,27 +451,65 @@ class TritonServer:
             )
         except OSError as exc:
             self._log_handle.close()
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            if log_mode == "w":
+                shutil.rmtree(self._workdir, ignore_errors=True)
             raise ServerError(f"could not run tritonserver: {exc}; reinstall with `{INSTALL_FIX}`.") from exc
-        self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
+        self._reader = threading.Thread(target=self._pump, args=(self._proc, self._log_handle),
+                                        name="tritonserver-log", daemon=True)
         self._reader.start()
-        return self
 
-    def _pump(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None and self._log_handle is not None
+    def restart(self, should_stop: Callable[[], bool] = lambda: False, timeout: float | None = None) -> bool:
+        """Start tritonserver again after it stopped by itself; the front door and its ports stay up.
+
+        The supervisor's last resort (Triton 2.51's python backend can abort the whole server when a stub dies
+        holding a shared-memory lock). The dead server's stubs and shared memory are removed first; the new one
+        binds the same internal ports and loads the same (verified) repository. Returns True once it is ready,
+        False when `should_stop` turned true (a stop began) or it was not ready within `timeout` seconds.
+        """
+        with self._life_lock:
+            old = self._proc
+            if self._stopped or old is None or old.poll() is None:
+                return False
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(old.pid, signal.SIGKILL)   # stubs that outlived it
+            old.wait()
+            self._join_reader(2.0)
+            if old.stdout is not None:
+                old.stdout.close()
+            self._remove_shm()
+            if self.verify:
+                verify_repository(self.repository)
+            self._launch("a")
+            proc = self._proc
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        while not should_stop() and time.monotonic() < deadline and proc.poll() is None:
+            if self._get_ok(f"{self.admin_url}/v2/health/ready") and self._get_ok(self.url("metrics")):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def exit_cause(self) -> str:
+        """Why the server process stopped: `killed by signal 6 (SIGABRT): terminate called after ...`."""
+        code = self._proc.poll() if self._proc is not None else None
+        self._join_reader(1.0)
+        reason = _failure_reason(self.log_tail(LOG_TAIL_LINES), self._port_flags(), self._backend_dir)
+        return describe_exit(code) + ("" if reason == "no error line found in the log" else f": {reason}")
+
+    def _pump(self, proc: subprocess.Popen[bytes], handle: IO[str]) -> None:
+        assert proc.stdout is not None
         try:
-            for raw in self._proc.stdout:
+            for raw in proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 with self._tail_lock:
                     self._tail.append(line)
-                self._log_handle.write(line + "\n")
-                self._log_handle.flush()
+                handle.write(line + "\n")
+                handle.flush()
                 if self._stream is not None:
                     with contextlib.suppress(ValueError, OSError):  # the stream may be closed under us
                         self._stream.write(line + "\n")
                         self._stream.flush()
         finally:
-            self._log_handle.close()
+            handle.close()
 
     def _failure_message(self, headline: str) -> str:
         self._join_reader(2.0)
@@ -500,7 +553,8 @@ class TritonServer:
 
             self.supervisor = Supervisor(self.repository, self.admin_url, self._server_pid,
                                          self.front_door.set_state if self.front_door else (lambda state: None),
-                                         self.admin_headers)
+                                         self.admin_headers, restart_server=self.restart,
+                                         exit_cause=self.exit_cause, max_restarts=self.max_restarts)
             self.supervisor.start()
         elif self.front_door is not None:
             self.front_door.set_state("ready")
@@ -559,15 +613,16 @@ class TritonServer:
         Returns:
             The exit code, or ``None`` if the server was never started.
         """
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
         if self._stopped:
-            return proc.returncode
-        self._stopped = True
+            return self._proc.returncode
+        self._stopped = True          # from here on the supervisor restarts nothing
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        with self._life_lock:
+            proc = self._proc
         try:
-            if self.supervisor is not None:
-                self.supervisor.stop()
             if self.front_door is not None:
                 # readiness 503 first, then close the listener and finish the requests in flight
                 self.front_door.set_state("draining: the server is stopping")
@@ -634,6 +689,7 @@ def serve(
     front_door: bool | None = None,
     drain_timeout: float = 5.0,
     access_log: str | os.PathLike[str] | None = None,
+    max_restarts: int = 3,
 ) -> int:
     """Run Triton in the foreground until Ctrl-C or SIGTERM (the ``recserve serve`` command).
 
@@ -661,6 +717,7 @@ def serve(
         front_door=front_door,
         drain_timeout=drain_timeout,
         access_log=access_log,
+        max_restarts=max_restarts,
     )
 
     def _on_sigterm(signum: int, frame: object) -> None:
@@ -677,12 +734,18 @@ def serve(
                 flush=True,
             )
             nginx = server.front_door.proc if server.front_door is not None else None
-            while server.is_alive and (nginx is None or nginx.poll() is None):
+            sup = server.supervisor
+            # a tritonserver that stopped by itself is started again by the supervisor, up to max_restarts
+            while (server.is_alive or (sup is not None and sup.will_restart())) and \
+                    (nginx is None or nginx.poll() is None):
                 time.sleep(0.5)
             if not server.is_alive:
                 code = server.process.returncode  # type: ignore[union-attr]
+                if sup is not None:
+                    sup.join(5.0)        # it decides, and says, that it will not restart the server
+                gave_up = f" and was {sup.gave_up}" if sup is not None and sup.gave_up else ""
                 raise ServerError(server._failure_message(
-                    f"tritonserver stopped ({describe_exit(code)}) while serving"))
+                    f"tritonserver stopped ({describe_exit(code)}) while serving{gave_up}"))
             raise ServerError(f"the front door (nginx) stopped ({describe_exit(nginx.returncode)}) while serving; "
                               "stopping Triton")
     except KeyboardInterrupt:

@@ -9,7 +9,12 @@ that instance fails for good, and `/v2/health/ready` stays 200. The supervisor, 
 - when either fails, sets the front door's readiness to "restoring MODEL: why" and reloads that model through
   Triton's EXPLICIT model control, with its own config plus a changed `recserve_restart` parameter (a load of
   an unchanged model is a no-op in Triton). The new instances start while the old ones still serve, so a live
-  instance keeps answering during the reload (measured 0.4 s for `recommend`); then readiness is restored.
+  instance keeps answering during the reload (measured 0.4 s for `recommend`); then readiness is restored;
+- when tritonserver itself stopped (2.51's python backend aborts the whole server, `boost::interprocess::
+  lock_exception`, when a stub is killed while it holds a shared-memory lock: seen under load), sets readiness
+  to "restarting tritonserver: cause" and starts it again behind the same front door, at most `max_restarts`
+  times in `RESTART_WINDOW_S`; past that it gives up (`gave_up` says why) and `recserve serve` exits with the
+  cause, for a process manager to restart.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import requests
 log = logging.getLogger("recserve.supervisor")
 
 STUB = "triton_python_backend_stub"
+RESTART_WINDOW_S = 600.0
 
 
 def stub_instances(server_pid: int) -> dict[str, int]:
@@ -107,9 +113,14 @@ class Supervisor:
 
     def __init__(self, repository: Path, url: str, server_pid: Callable[[], int | None],
                  set_state: Callable[[str], object], admin_headers: dict[str, str],
-                 interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0):
+                 interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0,
+                 restart_server: Callable[[Callable[[], bool]], bool] | None = None,
+                 exit_cause: Callable[[], str] = lambda: "it stopped", max_restarts: int = 3):
         self.url = url.rstrip("/")
         self.server_pid = server_pid
+        self.restart_server, self.exit_cause, self.max_restarts = restart_server, exit_cause, max_restarts
+        self.server_restarts: list[dict] = []   # {"at", "cause", "seconds", "ok"} per start of a new tritonserver
+        self.gave_up: str | None = None
         self._publish = set_state
         self.admin = admin_headers
         self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
@@ -198,9 +209,50 @@ class Supervisor:
             log.warning("supervisor: %s reloaded in %.2f s", model, seconds)
         return ok
 
+    def join(self, timeout: float) -> None:
+        """Wait for the watch thread to end (it ends on `stop`, or once it gave up on tritonserver)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def will_restart(self) -> bool:
+        """True while a stopped tritonserver is (or will be) started again: `serve` keeps waiting meanwhile."""
+        if self.restart_server is None or self.gave_up is not None or not self._thread or not self._thread.is_alive():
+            return False
+        now = time.monotonic()
+        return sum(now - r["at"] < RESTART_WINDOW_S for r in self.server_restarts) < self.max_restarts \
+            or (bool(self.server_restarts) and self.server_restarts[-1]["seconds"] is None)
+
+    def _restart(self) -> bool:
+        """tritonserver stopped by itself: start it again, or give up. Returns True when it runs again."""
+        cause = self.exit_cause()
+        now = time.monotonic()
+        recent = sum(now - r["at"] < RESTART_WINDOW_S for r in self.server_restarts)
+        if self.restart_server is None or recent >= self.max_restarts:
+            self.gave_up = (f"not restarted: {recent} restart(s) in the last {RESTART_WINDOW_S:g} s, "
+                            f"at most {self.max_restarts} (--max-restarts)")
+            self.set_state(f"down: tritonserver stopped ({cause}); {self.gave_up}")
+            log.error("supervisor: tritonserver stopped (%s); %s", cause, self.gave_up)
+            return False
+        record = {"at": now, "cause": cause, "seconds": None, "ok": False}
+        self.server_restarts.append(record)
+        self.set_state(f"restarting tritonserver: it stopped ({cause})")
+        log.error("supervisor: tritonserver stopped (%s); starting it again", cause)
+        ok = self.restart_server(self._stop.is_set)
+        record["seconds"], record["ok"] = round(time.monotonic() - now, 3), ok
+        if ok:
+            log.warning("supervisor: tritonserver runs again after %.2f s", record["seconds"])
+        return ok
+
     def _run(self) -> None:
         last_canary, ready = time.monotonic(), True
         while not self._stop.wait(self.interval):
+            if self.server_pid() is None:
+                ready = False
+                if not self._restart() and self.gave_up is not None:
+                    return
+                pid = self.server_pid()
+                self._expected = stub_instances(pid) if pid else {}
+                continue
             broken = self.dead_instances()
             if not broken and (not ready or time.monotonic() - last_canary >= self.canary_every):
                 last_canary = time.monotonic()

@@ -95,13 +95,13 @@ def _is_gevent_timeout(exc: BaseException) -> bool:
 
 
 class Overloaded(ServerError):
-    """The server shed the request (HTTP 503, or gRPC UNAVAILABLE from a full queue); `infer` retries it."""
+    """The server shed the request (HTTP 503, or gRPC UNAVAILABLE: overloaded, or restarting); `infer` retries it."""
 
 
 # Retries of a shed request: full-jitter exponential backoff from 10 ms, capped at 200 ms a pause, within the
 # call's timeout.
 RETRY_BASE_S, RETRY_CAP_S = 0.01, 0.2
-_SHED_WORDS = ("queue", "overloaded", "too many requests")
+_SHED_WORDS = ("queue", "overloaded", "too many requests", "retry shortly")
 
 
 def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: float) -> RecserveError:
@@ -116,7 +116,7 @@ def _map_error(exc: BaseException, *, model: str | None, where: str, timeout: fl
             return ServerError(timed_out)
         message = _server_message(exc)
         if status == "503" or ("UNAVAILABLE" in status and any(w in message.lower() for w in _SHED_WORDS)):
-            return Overloaded(f"the server at {where} is overloaded and shed the request: {message}")
+            return Overloaded(f"the server at {where} shed the request: {message}")
         if "UNAVAILABLE" in status:
             # gRPC's own "failed to connect" / "Socket closed" versus Triton saying a model is not ready.
             if any(word in message.lower() for word in _CONNECTION_WORDS):

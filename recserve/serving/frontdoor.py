@@ -102,7 +102,8 @@ GRPC_METHODS = ("ModelInfer", "ServerLive", "ServerReady", "ModelReady", "Server
 
 GRPC_ERRORS = (("g403", 7, "this method is not public on the front door"),
                ("g413", 8, "request too large for any served model"),
-               ("g502", 14, "the inference server is not answering; retry shortly"),
+               ("g502", 14, "unavailable: the inference server is not answering (restarting, say); retry shortly"),
+               ("g504", 4, "the inference server did not answer in time"),
                ("g503", 14, "overloaded: too many requests in flight; retry with backoff"))
 
 
@@ -131,7 +132,8 @@ def _grpc_server(listen: str, upstream_port: int, max_body: int, max_inflight: i
     # gRPC statuses in a trailers-only answer (nginx's documented pattern for gRPC error pages)
     error_page 403 = @g403;
     error_page 413 = @g413;
-    error_page 502 504 = @g502;
+    error_page 502 = @g502;
+    error_page 504 = @g504;
     error_page 503 = @g503;
 {"".join(_grpc_error(name, code, message) for name, code, message in GRPC_ERRORS)}
   }}"""
@@ -206,7 +208,8 @@ http {{
     error_page 408 = @e408;
     error_page 413 = @e413;
     error_page 414 431 494 = @e414;
-    error_page 502 504 = @e502;
+    error_page 502 = @e502;
+    error_page 504 = @e504;
     error_page 503 = @e503;
 
     location = /v2 {{ limit_except GET {{ deny all; }} proxy_pass http://triton; }}
@@ -215,6 +218,7 @@ http {{
       limit_except GET {{ deny all; }}
       access_by_lua_block {{ frontdoor.ready() }}
       proxy_pass http://triton;
+      error_page 502 504 = @notready;     # Triton down (restarting, say): not ready, not a gateway error
     }}{"".join(per_model)}
     location ~ ^/v2/models/([A-Za-z0-9_.-]+)(/versions/[0-9]+)?(/ready|/config)?$ {{
       limit_except GET {{ deny all; }}
@@ -237,7 +241,13 @@ http {{
     location @e408 {{ return 408 '{{"error":"the request was not sent in time"}}'; }}
     location @e413 {{ return 413 '{{"error":"request body too large for this model"}}'; }}
     location @e414 {{ return 414 '{{"error":"request line or headers too large"}}'; }}
-    location @e502 {{ return 502 '{{"error":"the inference server is not answering; retry shortly"}}'; }}
+    location @notready {{ return 503 '{{"error":"not ready: the inference server is not answering"}}'; }}
+    # Triton down (between a crash and its restart): a 503 clients retry, not a gateway error
+    location @e502 {{
+      add_header Retry-After 1 always;
+      return 503 '{{"error":"unavailable: the inference server is not answering (restarting, say); retry shortly"}}';
+    }}
+    location @e504 {{ return 504 '{{"error":"the inference server did not answer in time"}}'; }}
     location @e503 {{
       add_header Retry-After 1 always;
       return 503 '{{"error":"overloaded: too many requests in flight; retry with backoff"}}';

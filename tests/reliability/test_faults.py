@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -10,13 +12,30 @@ from pathlib import Path
 
 import pytest
 import requests
-from guarded import ServeProcess, long_run, record, still_serving
+from guarded import ServeProcess, _processes, long_run, record, still_serving
 from load import recommend_body, run_load
 
+from recserve.server import TritonServer, free_port
 from recserve.serving.frontdoor import access_log_times
 from recserve.supervisor import stub_instances
 
-READY_WITHIN_S = 10.0
+READY_WITHIN_S = 10.0          # a model reload takes about 1.5 s here, a restart of the whole server 3 to 6 s
+
+
+@pytest.fixture(scope="module")
+def guarded(served, tmp_path_factory):
+    """A guarded server of this module's own, on the session's repository: the kills below never touch the
+    session's server (a kill can take the whole of Triton down, which the supervisor then restarts)."""
+    logs = tmp_path_factory.mktemp("guarded")
+    server = TritonServer(served.repository, free_port(), free_port(), free_port(), log_file=logs / "triton.log")
+    with server:
+        yield dataclasses.replace(served, server=server, http_port=server.http_port, grpc_port=server.grpc_port)
+
+
+@pytest.fixture(scope="module")
+def guarded_expected(guarded, expected):
+    still_serving(guarded, expected)      # the same repository answers the same
+    return expected
 
 
 def _poll_ready(url: str, stop: threading.Event, seen: list[int]) -> None:
@@ -29,45 +48,91 @@ def _poll_ready(url: str, stop: threading.Event, seen: list[int]) -> None:
         time.sleep(0.005)
 
 
+class _Watch:
+    """Load (4 connections) and a readiness poller around a fault; both threads always end."""
+
+    def __init__(self, served, users, seconds: float):
+        self.stop, self.seen, self.load = threading.Event(), [], {}
+        url = f"http://{served.url('http')}/v2/health/ready"
+        self.threads = [
+            threading.Thread(target=_poll_ready, args=(url, self.stop, self.seen), daemon=True),
+            threading.Thread(target=lambda: self.load.setdefault("r", run_load(
+                "127.0.0.1", served.http_port, 4, seconds, [recommend_body(u) for u in users])), daemon=True)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def _wait_healed(sup, since: float, done) -> float:
+    while not (done() and sup.history[-1][1] == "ready"):
+        assert time.monotonic() - since < READY_WITHIN_S, f"not restored: {sup.history[-3:]}"
+        time.sleep(0.01)
+    return sup.history[-1][0] - since
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("model", ["recommend", "ranker"])
-def test_a_killed_step_is_reloaded_within_seconds_and_readiness_says_not_ready_meanwhile(served, expected, users,
-                                                                                         model, request):
-    sup = served.server.supervisor
+def test_a_killed_step_is_reloaded_within_seconds_and_readiness_says_not_ready_meanwhile(guarded, guarded_expected,
+                                                                                         users, model, request):
+    """Killing one stub under load: the supervisor reloads that model, or, when Triton 2.51 aborts the whole
+    server over it (its python backend's `boost::interprocess::lock_exception`), starts the server again."""
+    sup = guarded.server.supervisor
     assert sup is not None, "the guarded server runs a supervisor"
-    pid = served.server.process.pid
-    victim = stub_instances(pid)[f"{model}_0_0"]
-    restarts_before = len(sup.restarts)
-    ready_url = f"http://{served.url('http')}/v2/health/ready"
-    stop, seen = threading.Event(), []
-    poller = threading.Thread(target=_poll_ready, args=(ready_url, stop, seen))
-    load: dict = {}
-    seconds = 20.0 if long_run(request) else 5.0
-    loader = threading.Thread(target=lambda: load.setdefault("r", run_load(
-        "127.0.0.1", served.http_port, 4, seconds, [recommend_body(u) for u in users])))
-    poller.start()
-    loader.start()
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    while len(sup.restarts) == restarts_before or sup.history[-1][1] != "ready":
-        assert time.monotonic() - t0 < READY_WITHIN_S, f"{model} not restored: {sup.history[-3:]}"
-        time.sleep(0.01)
-    healed = sup.history[-1][0] - t0
-    time.sleep(0.3)
-    stop.set()
-    poller.join()
-    loader.join()
-    restart = sup.restarts[-1]
-    assert restart["model"] == model and restart["ok"], sup.restarts
-    assert any(state.startswith(f"restoring {model}") for _, state in sup.history), sup.history
-    assert 503 in seen, "readiness never said not ready while the model was restored"
-    assert seen[-1] == 200
-    r = load["r"]
-    record(f"stub kill ({model})", ready_again_s=round(healed, 2), reload_s=restart["seconds"],
-           requests=r.total, failed=r.total - r.count(200), readiness_503_polls=seen.count(503))
+    victim = stub_instances(guarded.server.process.pid)[f"{model}_0_0"]
+    reloads, restarts = len(sup.restarts), len(sup.server_restarts)
+    with _Watch(guarded, users, 20.0 if long_run(request) else 5.0) as watch:
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        healed = _wait_healed(sup, t0, lambda: len(sup.restarts) > reloads or len(sup.server_restarts) > restarts)
+    server_restarted = len(sup.server_restarts) > restarts
+    if server_restarted:
+        assert sup.server_restarts[-1]["ok"], sup.server_restarts
+        assert any(state.startswith("restarting tritonserver") for _, state in sup.history), sup.history
+    else:
+        restart = sup.restarts[-1]
+        assert restart["model"] == model and restart["ok"], sup.restarts
+        assert any(state.startswith(f"restoring {model}") for _, state in sup.history), sup.history
+    assert 503 in watch.seen, "readiness never said not ready while the model was restored"
+    assert watch.seen[-1] == 200
+    r = watch.load["r"]
+    record(f"stub kill ({model})", ready_again_s=round(healed, 2), healed_by="server restart" if server_restarted
+           else "model reload", requests=r.total, failed=r.total - r.count(200),
+           readiness_503_polls=watch.seen.count(503))
     assert set(r.statuses) <= {200, 500, 503}, r.summary()
-    still_serving(served, expected)
+    still_serving(guarded, guarded_expected)
+
+
+def test_a_crashed_tritonserver_is_started_again_behind_the_same_front_door(guarded, guarded_expected, users):
+    sup = guarded.server.supervisor
+    restarts = len(sup.server_restarts)
+    old = guarded.server.process.pid
+    with _Watch(guarded, users, 4.0) as watch:
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGABRT)                 # what the python backend's abort does
+        healed = _wait_healed(sup, t0, lambda: len(sup.server_restarts) > restarts)
+    restart = sup.server_restarts[-1]
+    assert restart["ok"] and "SIGABRT" in restart["cause"], restart
+    assert guarded.server.process.pid != old and guarded.server.is_alive
+    assert any("restarting tritonserver: it stopped (killed by signal 6 (SIGABRT)" in state
+               for _, state in sup.history), sup.history[-3:]
+    assert 503 in watch.seen and watch.seen[-1] == 200 and 0 not in watch.seen, "the front door stayed up"
+    r = watch.load["r"]
+    record("tritonserver crash", ready_again_s=round(healed, 2), restart_s=restart["seconds"], requests=r.total,
+           failed=r.total - r.count(200))
+    assert set(r.statuses) <= {200, 503}, r.summary()
+    assert "restarting" in r.bodies[503].decode(), "a request while Triton was down is told to retry"
+    assert not r.errors, r.errors
+    assert not [pid for pid, (sid, _) in _processes().items() if sid == old], "the crashed server's stubs remain"
+    still_serving(guarded, guarded_expected)
 
 
 def _shm(prefix: str) -> list[str]:
@@ -116,21 +181,33 @@ def test_sigterm_under_load_drains_exits_0_and_leaves_no_shared_memory(repositor
     assert r.count(200) > 0 and not r.count(500), r.summary()
 
 
-def test_a_killed_server_stops_the_wrapper_with_the_real_cause_and_no_orphans(repository, tmp_path):
-    srv = ServeProcess(repository, tmp_path / "serve.log")
+def test_a_killed_server_is_restarted_by_recserve_serve_until_max_restarts_then_it_exits_with_the_cause(
+        repository, tmp_path):
+    srv = ServeProcess(repository, tmp_path / "serve.log", "--max-restarts", "1")
     srv.wait_ready()
-    triton = srv.triton_pid()
-    os.kill(triton, signal.SIGKILL)
+    first = srv.triton_pid()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + READY_WITHIN_S
+    while True:
+        assert srv.proc.poll() is None, srv.log.read_text()[-2000:]
+        with contextlib.suppress(requests.RequestException):
+            if srv.triton_pid() not in (None, first) and requests.get(
+                    f"http://127.0.0.1:{srv.http}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        assert time.monotonic() < deadline, srv.log.read_text()[-2000:]
+        time.sleep(0.1)
+    second = srv.triton_pid()
+    os.kill(second, signal.SIGKILL)                  # past --max-restarts: the wrapper exits with the cause
     code = srv.proc.wait(30)
     text = srv.log.read_text()
     last = [line for line in text.splitlines() if line.startswith("error:")]
     assert code == 1 and last, text[-2000:]
-    assert "killed by signal 9 (SIGKILL)" in last[-1], last[-1]
+    assert "killed by signal 9 (SIGKILL)" in last[-1] and "not restarted" in last[-1], last[-1]
     assert "cuda" not in last[-1].lower()
     deadline = time.monotonic() + 10
-    while srv.tree(triton) and time.monotonic() < deadline:
+    while (srv.tree(first) or srv.tree(second)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not srv.tree(triton), "stubs or nginx outlived the server"
+    assert not srv.tree(second), "stubs or nginx outlived the server"
     assert not _shm(f"recserve_{srv.proc.pid}_")
 
 
