@@ -90,13 +90,20 @@ def render_response(item_ids: np.ndarray, scores: np.ndarray, request_id: object
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def live(root: Path) -> str:
+    """The repository's live model version (`recserve deploy` adds versions): the manifest's, else 1."""
+    manifest = root / "manifest.json"
+    return str(json.loads(manifest.read_text()).get("model_version", 1)) if manifest.is_file() else "1"
+
+
 def find_file(root: Path, name: str) -> Path:
-    """A repository file by name: in ``user/1`` or ``retrieval/1`` (the step that holds the user tower), else
-    the one version directory that has it."""
-    for path in (root / "user" / "1" / name, root / "retrieval" / "1" / name, *sorted(root.glob(f"*/1/{name}"))):
+    """A repository file of the live version by name: in ``user/V`` or ``retrieval/V`` (the step that holds the
+    user tower), else the one version directory that has it."""
+    v = live(root)
+    for path in (root / "user" / v / name, root / "retrieval" / v / name, *sorted(root.glob(f"*/{v}/{name}"))):
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{root} has no */1/{name}; write it with `recserve export repository`")
+    raise FileNotFoundError(f"{root} has no */{v}/{name}; write it with `recserve export repository`")
 
 
 def session(path: Path, threads: int):
@@ -130,7 +137,7 @@ class Recommender:
         self.retriever = Retriever(step, {"k_max": str(self.k_max), "omp_threads": "1",
                                           "intra_op_threads": str(threads), "device": "cpu"})
         self.user_ids = np.asarray(self.retriever.user_ids, np.int64)
-        self.ranker = session(root / "ranker" / "1" / "model.onnx", threads)
+        self.ranker = session(root / "ranker" / live(root) / "model.onnx", threads)
         # a graph input of rank 1 takes the [B] column of a [B, 1] row (as Triton's reshape does)
         self.ranker_ranks = {i.name: len(i.shape) for i in self.ranker.get_inputs()}
 

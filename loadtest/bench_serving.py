@@ -827,11 +827,14 @@ def _manifest(repository: Path) -> dict:
 
 
 def _user_ids(repository: Path) -> np.ndarray:
-    """The served raw user ids: ``users.npz`` of the step that maps them (``user/1`` or ``retrieval/1``)."""
-    found = [p for p in (repository / "user" / "1" / "users.npz", repository / "retrieval" / "1" / "users.npz",
-                         *sorted(repository.glob("*/1/users.npz"))) if p.is_file()]
+    """The served raw user ids: ``users.npz`` of the step that maps them, in the live version."""
+    manifest = repository / "manifest.json"
+    v = str(json.loads(manifest.read_text()).get("model_version", 1)) if manifest.is_file() else "1"
+    found = [p for p in (repository / "user" / v / "users.npz", repository / "retrieval" / v / "users.npz",
+                         *sorted(repository.glob(f"*/{v}/users.npz"))) if p.is_file()]
     if not found:
-        raise SystemExit(f"bench_serving: no */1/users.npz in {repository}; write it with `recserve export repository`")
+        raise SystemExit(f"bench_serving: no */{v}/users.npz in {repository}; write it with "
+                         "`recserve export repository`")
     with np.load(found[0], allow_pickle=False) as z:
         return np.asarray(z["user_ids"], np.int64)
 

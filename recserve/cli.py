@@ -3,6 +3,7 @@
     recserve data synth|fetch      recserve train      recserve evaluate
     recserve export onnx|repository                    recserve serve
     recserve recommend             recserve demo       recserve bench
+    recserve deploy                recserve rollback
 """
 
 from __future__ import annotations
@@ -298,6 +299,45 @@ def export_repository_cmd(
         params = " ".join(f"{name}={value}" for name, value in a["params"].items()) or "-"
         typer.echo(f"index auto: {a['kind']} {params}, {a['qps']:,.0f} QPS ({a['speedup_vs_exact']}x exact, "
                    f"{a['threads']} threads), {rk} {a[rk]:.4f}: {a['reason']}")
+
+
+@app.command()
+@clean_errors
+def deploy(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` and `export onnx` wrote."),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", help="The served repository."),
+    precision: str | None = typer.Option(None, help="fp32 or int8; default: the live version's."),
+    index: str = typer.Option("auto", help="auto, flat, ivf, ivfpq or hnsw (as `export repository`)."),
+    keep: int = typer.Option(3, min=2, help="Versions kept in the repository (the live one and earlier ones)."),
+):
+    """Add the artifacts as the repository's next model version and make it live; a running server switches to
+    it without failing a request. Flavor, K and k-max stay the live version's."""
+    from recserve.deploy import deploy as run_deploy
+    from recserve.deploy import read_manifest
+    from recserve.export.index import IndexSpec
+    from recserve.serving.repository import RepoOptions
+
+    live = read_manifest(repository) if (repository / "manifest.json").exists() else {}
+    opts = RepoOptions(flavor=live.get("flavor", "embedded"), precision=precision or live.get("precision", "fp32"),
+                       candidates=int(live.get("candidates", 500)), k_max=int(live.get("k_max", 100)),
+                       index=IndexSpec(index), ranker_threads=2)
+    m = run_deploy(artifacts, repository, opts, keep=keep)
+    typer.echo(f"{repository}: version {m['model_version']} is live ({m['precision']}, index "
+               f"{m['index']['spec']['kind']}); kept versions {sorted(int(v) for v in m['versions'])}; a running "
+               "`recserve serve` switches to it within a second")
+
+
+@app.command()
+@clean_errors
+def rollback(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", help="The served repository."),
+    to: int | None = typer.Option(None, help="The version to make live; default: the newest one before the live."),
+):
+    """Make an earlier model version live again; a running server switches back to it."""
+    from recserve.deploy import rollback as run_rollback
+
+    m = run_rollback(repository, to)
+    typer.echo(f"{repository}: version {m['model_version']} is live again (was {m['previous_version']})")
 
 
 @app.command()

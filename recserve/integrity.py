@@ -47,10 +47,11 @@ def code_hashes() -> dict[str, str]:
 
 
 def repository_hashes(root: Path) -> dict[str, str]:
-    """{path inside the repository: sha256} of every file but the manifest."""
+    """{path inside the repository: sha256} of every file but the manifest (and Python's byte-code caches, which
+    `verify_repository` removes)."""
     root = Path(root)
     return {str(p.relative_to(root)): sha256_of(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.relative_to(root).parts}
 
 
 def verify_repository(repository: Path) -> dict:

@@ -554,10 +554,18 @@ class TritonServer:
             self.supervisor = Supervisor(self.repository, self.admin_url, self._server_pid,
                                          self.front_door.set_state if self.front_door else (lambda state: None),
                                          self.admin_headers, restart_server=self.restart,
-                                         exit_cause=self.exit_cause, max_restarts=self.max_restarts)
+                                         exit_cause=self.exit_cause, max_restarts=self.max_restarts,
+                                         on_swap=self._new_contract)
             self.supervisor.start()
         elif self.front_door is not None:
             self.front_door.set_state("ready")
+
+    def _new_contract(self) -> None:
+        """After a version switch: the front door checks requests against the new configs."""
+        if self.front_door is not None:
+            from recserve.serving.frontdoor import contract
+
+            self.front_door.reload(contract(self.repository))
 
     def _server_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None

@@ -69,10 +69,12 @@ class Canaries:
     """One known-good request per model, from the repository's own files."""
 
     def __init__(self, repository: Path):
+        from recserve.deploy import live_dir
+
         repository = Path(repository)
-        with np.load(repository / "retrieval" / "1" / "users.npz") as z:
+        with np.load(live_dir(repository, "retrieval") / "users.npz") as z:
             self.user = int(z["user_ids"][0])
-        with np.load(repository / "catalogue" / "1" / "items.npz") as z:
+        with np.load(live_dir(repository, "catalogue") / "items.npz") as z:
             self.item = int(z["item_ids"][0])
         self.genres = _config_inputs(repository / "item_tower" / "config.pbtxt")["item_genres"][0]
         self.models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
@@ -115,7 +117,8 @@ class Supervisor:
                  set_state: Callable[[str], object], admin_headers: dict[str, str],
                  interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0,
                  restart_server: Callable[[Callable[[], bool]], bool] | None = None,
-                 exit_cause: Callable[[], str] = lambda: "it stopped", max_restarts: int = 3):
+                 exit_cause: Callable[[], str] = lambda: "it stopped", max_restarts: int = 3,
+                 on_swap: Callable[[], object] = lambda: None):
         self.url = url.rstrip("/")
         self.server_pid = server_pid
         self.restart_server, self.exit_cause, self.max_restarts = restart_server, exit_cause, max_restarts
@@ -124,7 +127,12 @@ class Supervisor:
         self._publish = set_state
         self.admin = admin_headers
         self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
+        self.repository = Path(repository)
         self.canaries = Canaries(repository)
+        self.on_swap = on_swap
+        self.version = self._live()
+        self.swaps: list[dict] = []     # {"from", "to", "seconds", "ok", "error"} per switch of the live version
+        self._refused: int | None = None
         self.restarts: list[dict] = []          # {"model", "reason", "seconds", "ok"} per reload
         self.history: list[tuple[float, str]] = []   # (time.monotonic(), state) each time readiness changes
         self._stop = threading.Event()
@@ -243,9 +251,66 @@ class Supervisor:
             log.warning("supervisor: tritonserver runs again after %.2f s", record["seconds"])
         return ok
 
+    # -- versions: `recserve deploy` / `rollback` changed the live version (recserve/deploy.py) ---------------
+
+    def _live(self) -> int | None:
+        from recserve.deploy import live_version
+
+        try:
+            return live_version(self.repository)
+        except (OSError, ValueError):     # a manifest being replaced; the next look sees it whole
+            return None
+
+    def swap(self, version: int) -> bool:
+        """Load every model's `version` (its config on disk names it) while the old version serves."""
+        from recserve.deploy import SWAP_ORDER
+        from recserve.errors import RecserveError
+        from recserve.integrity import verify_repository
+
+        t0, record = time.monotonic(), {"from": self.version, "to": version, "seconds": None, "ok": False}
+        self.swaps.append(record)
+        log.warning("supervisor: the repository's live version is now %s (was %s); loading it", version,
+                    self.version)
+        try:
+            verify_repository(self.repository)
+        except RecserveError as exc:
+            record["error"] = f"not loaded: {exc}"
+            record["seconds"] = round(time.monotonic() - t0, 3)
+            log.error("supervisor: version %s %s; version %s serves on", version, record["error"], self.version)
+            self._refused = version           # not retried until the manifest names another version
+            return False
+        models = [m for m in SWAP_ORDER if m in self.canaries.models] + \
+            [m for m in self.canaries.models if m not in SWAP_ORDER]
+        for model in models:
+            try:
+                r = self._session.post(f"{self.url}/v2/repository/models/{model}/load", headers=self.admin,
+                                       timeout=120)
+            except requests.RequestException as exc:
+                record["error"] = f"loading {model}: {exc}"
+                break
+            if r.status_code != 200:
+                record["error"] = f"loading {model}: {r.text[:300]}"
+                break
+        self.version, self._refused = version, None
+        self.canaries = Canaries(self.repository)
+        self.on_swap()
+        pid = self.server_pid()
+        self._expected = stub_instances(pid) if pid else {}
+        record["seconds"], record["ok"] = round(time.monotonic() - t0, 3), "error" not in record
+        if record["ok"]:
+            log.warning("supervisor: version %s serves (%.2f s)", version, record["seconds"])
+        else:
+            log.error("supervisor: switching to version %s failed: %s", version, record["error"])
+        return record["ok"]
+
     def _run(self) -> None:
         last_canary, ready = time.monotonic(), True
         while not self._stop.wait(self.interval):
+            live = self._live()
+            if live is not None and live not in (self.version, self._refused) and self.server_pid() is not None:
+                self.swap(live)
+                last_canary = 0.0        # a canary right away
+                continue
             if self.server_pid() is None:
                 ready = False
                 if not self._restart() and self.gave_up is not None:

@@ -170,7 +170,7 @@ pid {workdir / "nginx.pid"};
 error_log stderr error;
 events {{ worker_connections 8192; }}
 http {{
-  log_format timing '$status $request_time $upstream_response_time $uri';
+  log_format timing '$status $request_time $upstream_response_time $uri $msec';
   {f"access_log {access_log} timing buffer=256k flush=1s;" if access_log else "access_log off;"}
   server_tokens off;
   {temp}
@@ -265,9 +265,11 @@ http {{
 """
 
 
-def access_log_times(log: Path, offset: int = 0, infer_only: bool = False) -> dict[int, dict[str, float]]:
+def access_log_times(log: Path, offset: int = 0, infer_only: bool = False, since: float = 0.0,
+                     until: float = float("inf")) -> dict[int, dict[str, float]]:
     """{status: {count, p50_ms, p99_ms, max_ms}} of the front door's own request times (`nginx_conf`'s `timing`
-    format: status, seconds, upstream seconds, path), from byte `offset` of the access log on."""
+    format: status, seconds, upstream seconds, path, time at the end in epoch seconds), from byte `offset` of the
+    access log on; `since` / `until`: only requests that ended in that window (epoch seconds, `time.time()`)."""
     import numpy as np
 
     times: dict[int, list[float]] = {}
@@ -276,6 +278,8 @@ def access_log_times(log: Path, offset: int = 0, infer_only: bool = False) -> di
         for line in f.read().decode(errors="replace").splitlines():
             parts = line.split()
             if len(parts) >= 4 and parts[0].isdigit() and (not infer_only or parts[3].endswith("/infer")):
+                if len(parts) >= 5 and not since <= float(parts[4]) <= until:
+                    continue
                 times.setdefault(int(parts[0]), []).append(float(parts[1]) * 1000)
     return {s: {"count": len(v), "p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)),
                 "max_ms": float(np.max(v))} for s, v in sorted(times.items())}
@@ -332,6 +336,20 @@ class FrontDoor:
                                      stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
                                      preexec_fn=preexec_fn)
         return self.proc
+
+    def reload(self, contract_: dict) -> None:
+        """A new contract (a new model version's configs): rewrite the configuration, nginx reloads it (SIGHUP;
+        its workers finish what they serve; the readiness state lives in shared memory and stays)."""
+        import signal
+
+        if contract_ == self.contract or self.proc is None or self.proc.poll() is not None:
+            return
+        self.contract = contract_
+        user = "nobody nogroup" if os.geteuid() == 0 else None
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(nginx_conf(self.workdir, self.host, self.port, self.upstream_port, self.contract,
+                                   self.max_inflight, user, self.access_log, self.grpc, self.grpc_statistics))
+        self.proc.send_signal(signal.SIGHUP)
 
     def set_state(self, state: str) -> bool:
         """`ready`, or why not (`restoring ranker: ...`, `draining`); False when nginx did not take it."""

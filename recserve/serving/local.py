@@ -38,17 +38,21 @@ OPTIONS_KEY = "__options"   # a checked request's parsed options, one (rules, hi
 class LocalPipeline:
     """`recommend` over a repository written by `recserve export repository`, in this process."""
 
-    def __init__(self, repository: Path, threads: int = 1, ranker_timeout: float = 0.25):
+    def __init__(self, repository: Path, threads: int = 1, ranker_timeout: float = 0.25, version: int | None = None):
+        """`version`: which of the repository's model versions to run; the live one (the manifest's) by default."""
         repository = Path(repository)
         manifest = json.loads((repository / "manifest.json").read_text())
+        self.version = int(manifest.get("model_version", 1)) if version is None else int(version)
+        if version is not None and str(version) in manifest.get("versions", {}):
+            manifest = {**manifest, **manifest["versions"][str(version)]}
         self.k_max = int(manifest["k_max"])
-        self.retriever = Retriever(repository / "retrieval" / "1",
+        self.retriever = Retriever(repository / "retrieval" / str(self.version),
                                    {"k_max": str(self.k_max), "omp_threads": str(threads),
                                     "intra_op_threads": str(threads)})
-        self.ranker = ort_session(repository / "ranker" / "1" / "model.onnx", threads)
+        self.ranker = ort_session(repository / "ranker" / str(self.version) / "model.onnx", threads)
         self.ranker_inputs = spec.step("ranker").input_names
         self.outputs = [t.name for t in spec.RESPONSE]
-        version = repository / "retrieval" / "1"
+        version = repository / "retrieval" / str(self.version)
         self.cold = load_cold(version / "cold.npz")
         with np.load(version / "items.npz") as z:
             self.items = ItemTable(z["item_ids"], z["genres"], z["year"], z["vectors"])

@@ -200,8 +200,12 @@ def _graph_files(artifacts: Path, opts: RepoOptions) -> dict[str, Path]:
     return files
 
 
-def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None = None) -> dict:
-    """Build the whole repository in a temp dir beside `repository`, then swap it into place."""
+def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None = None, version: int = 1) -> dict:
+    """Build the whole repository in a temp dir beside `repository`, then swap it into place.
+
+    Every model's files go to `MODEL/VERSION/`, and each config loads exactly that version (`version_policy
+    specific`), with a copy of the config beside the files (`MODEL/VERSION/config.pbtxt`, what a rollback
+    restores). `recserve.deploy` adds versions to a served repository this way."""
     opts = opts or RepoOptions()
     opts.validate()
     artifacts, repository = Path(artifacts), Path(repository)
@@ -216,7 +220,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-", dir=repository.parent))
     try:
         def version_dir(name: str) -> Path:
-            d = tmp / name / "1"
+            d = tmp / name / str(version)
             d.mkdir(parents=True)
             return d
 
@@ -240,35 +244,42 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         np.save(retrieval / "blend_items.npy", items)
         queries = _user_queries(retrieval / "user_tower.onnx", blend, view)
         fetch_k = min(len(items), sizes["K"] + int(np.diff(tables.seen_indptr).max(initial=0)))
-        index_info = _write_index(retrieval, items, opts, queries, fetch_k)
+        index_info = _write_index(retrieval, items, opts, queries, fetch_k, version)
         np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
         cold = _write_cold_start(retrieval, artifacts, opts.view, tables, files["user_tower"])
         _write_fallback(tmp / "fallback.json", cold, tables, sizes["KMAX"])
+        shutil.copy(tmp / "fallback.json", tmp / "catalogue" / str(version) / "fallback.json")   # for a rollback
         squeeze = {"item_tower": ("item_idx", "item_year")}
         n_users, n_items = str(len(tables.user_ids)), str(len(tables.item_ids))
         bounds = {"ranker": {"n_users": n_users, "n_items": n_items, "k_max": str(sizes["KMAX"])},
                   "item_tower": {"n_items": n_items, "n_year_buckets": str(_year_buckets(files["item_tower"]))}}
         for s in spec.STEPS:
             _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ()), bounds.get(s.name)),
-                          shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None)
+                          shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None,
+                          version=version)
         version_dir(spec.ENSEMBLE)
         if opts.flavor == "embedded":
-            _write_config(tmp, spec.ENSEMBLE, fused_config(opts, sizes), shim="fused:TritonPythonModel")
+            _write_config(tmp, spec.ENSEMBLE, fused_config(opts, sizes), shim="fused:TritonPythonModel",
+                          version=version)
         else:
-            (tmp / spec.ENSEMBLE / "config.pbtxt").write_text(render(ensemble_config(opts, sizes)))
+            _write_config(tmp, spec.ENSEMBLE, ensemble_config(opts, sizes), shim=None, version=version)
         if README.exists():
             shutil.copy(README, tmp / "README.md")
         manifest = {
-            "format": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model_version": 1, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
+            "format": 3, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model_version": version, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
             "precision": opts.precision, "view": opts.view, "candidates": sizes["K"], "k_max": sizes["KMAX"],
             "path": [s.name for s in spec.path()], "index": index_info, "ranker": gate,
             "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},
             "int8": _int8_summary(artifacts) if opts.precision == "int8" else None,
             "models": sorted([*(s.name for s in spec.STEPS), spec.ENSEMBLE]),
+        }
+        # every version's own manifest (`recserve deploy` adds versions; recserve/deploy.py)
+        manifest["versions"] = {str(version): dict(manifest)}
+        manifest.update({
             "sha256": repository_hashes(tmp),
             "code_sha256": code_hashes(),     # what `recserve serve` verifies before starting (recserve/integrity.py)
-        }
+        })
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, repository)
     except BaseException:
@@ -326,11 +337,14 @@ def ranker_gate(artifacts: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"shipped": True, "note": "no ranker_gate.json"}
 
 
-def _write_config(root: Path, name: str, config: dict, shim: str | None) -> None:
-    (root / name / "config.pbtxt").write_text(render(config))
+def _write_config(root: Path, name: str, config: dict, shim: str | None, version: int = 1) -> None:
+    config = {**config, "version_policy": {"specific": {"versions": [version]}}}
+    text = render(config)
+    (root / name / "config.pbtxt").write_text(text)
+    (root / name / str(version) / "config.pbtxt").write_text(text)     # what `recserve rollback` restores
     if shim:
         module, cls = shim.split(":")
-        (root / name / "1" / "model.py").write_text(
+        (root / name / str(version) / "model.py").write_text(
             f'"""Generated by `recserve export repository`; the code is in recserve/serving/steps/{module}.py."""\n'
             f"from recserve.serving.steps.{module} import {cls} as TritonPythonModel  # noqa: F401\n")
 
@@ -344,7 +358,8 @@ def _user_queries(user_graph: Path, blend: Blend, view: ViewSources, limit: int 
     return blend.query(user_vec, view.als_user[users])
 
 
-def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray, fetch_k: int = 0) -> dict:
+def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray, fetch_k: int = 0,
+                 version: int = 1) -> dict:
     """The inner-product index over the items' blend vectors (`recserve.sources.Blend.item_matrix`).
 
     `--index auto` measures exact and approximate indexes on the first `CHOOSE_QUERIES` user queries (held out: users,
@@ -378,7 +393,7 @@ def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.n
         info["recall_at_fetch_k"] = round(recall_vs_exact(index, vecs, qs, fetch_k), 5)
     if chosen is not None:
         info["auto"] = chosen
-    info.update({"item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / "1" / "model.onnx"),
+    info.update({"item_tower_sha256": sha256_of(dest.parent.parent / "item_tower" / str(version) / "model.onnx"),
                  "device": "cpu (moved to a GPU at load time when one and GPU FAISS are present)"})
     (dest / "index.json").write_text(json.dumps(info, indent=2))
     return info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ class LoadResult:
     errors: Counter = field(default_factory=Counter)                # connection-level failures by kind
     bodies: dict[int, bytes] = field(default_factory=dict)          # one body per status
     seconds: float = 0.0
+    # with track=True: (monotonic time at the answer, seconds, status, model_version) of every response
+    timeline: list[tuple[float, float, int, str]] = field(default_factory=list)
+    track: bool = False
 
     def count(self, status: int) -> int:
         return self.statuses[status]
@@ -46,6 +50,9 @@ class LoadResult:
         return {"seconds": round(self.seconds, 2), "statuses": dict(self.statuses), "errors": dict(self.errors),
                 **{f"p99_ms_{s}": round(self.p(s, 99), 2) for s in self.statuses},
                 **{f"p50_ms_{s}": round(self.p(s, 50), 2) for s in self.statuses}}
+
+
+_VERSION = re.compile(rb'"model_version":"([^"]*)"')
 
 
 async def _connection(host: str, port: int, path: str, bodies: list[bytes], until: float, result: LoadResult,
@@ -94,6 +101,9 @@ async def _connection(host: str, port: int, path: str, bodies: list[bytes], unti
         result.statuses[status] += 1
         result.latency.setdefault(status, []).append(dt)
         result.bodies.setdefault(status, payload)
+        if result.track:
+            version = _VERSION.search(payload)
+            result.timeline.append((time.monotonic(), dt, status, version.group(1).decode() if version else ""))
         shed_in_a_row = shed_in_a_row + 1 if status == 503 else 0
         if backoff and shed_in_a_row:   # as RecClient does: full-jitter exponential backoff, 10 ms .. 200 ms
             await asyncio.sleep(random.uniform(0, min(0.2, 0.01 * 2 ** (shed_in_a_row - 1))))
@@ -113,16 +123,17 @@ async def _run(host, port, path, bodies, connections, seconds, result, backoff):
 
 
 def run_load(host: str, port: int, connections: int, seconds: float, bodies: list[bytes],
-             path: str = "/v2/models/recommend/infer", backoff: bool = False) -> LoadResult:
+             path: str = "/v2/models/recommend/infer", backoff: bool = False, track: bool = False) -> LoadResult:
     """Drive `connections` closed-loop connections for `seconds`; returns statuses and latencies.
 
     `backoff`: a connection that was shed (503) waits as RecClient does before its next request; without it,
-    every connection sends again at once (a hostile or naive client, the worst case)."""
+    every connection sends again at once (a hostile or naive client, the worst case). `track`: keep every
+    response's time, latency, status and model version (`LoadResult.timeline`)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < connections + 256:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, connections + 1024), hard))
-    result = LoadResult()
+    result = LoadResult(track=track)
     asyncio.run(_run(host, port, path, bodies, connections, seconds, result, backoff))
     return result

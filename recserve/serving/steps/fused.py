@@ -25,8 +25,9 @@ class TritonPythonModel(BatchedModel):
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         root = self.repository.parent
         self.pipeline = LocalPipeline(root, threads=int(params.get("threads", "1")),
-                                      ranker_timeout=float(params.get("ranker_timeout_ms", "250")) / 1000)
-        check_item_tower(self.pipeline.retriever.meta, root / "retrieval")
+                                      ranker_timeout=float(params.get("ranker_timeout_ms", "250")) / 1000,
+                                      version=int(version_dir.name))
+        check_item_tower(self.pipeline.retriever.meta, root / "retrieval" / version_dir.name)
         self._counters: dict[tuple[str, str], object] = {}
         self._families = {}
         try:
@@ -40,7 +41,17 @@ class TritonPythonModel(BatchedModel):
         except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
             log.warning("recommend: custom metrics are not available in this python backend")
         self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
-        log.warning("recommend: retrieval and ranker in one process over %s", root)
+        self._warm_up()
+        log.warning("recommend: retrieval and ranker in one process over %s, version %s", root, version_dir.name)
+
+    def _warm_up(self, users: int = 8) -> None:
+        """A few real requests before the instance takes traffic: the first ONNX Runtime runs and FAISS searches
+        are slow (allocations, page faults), and a version switch (`recserve deploy`) hands traffic straight over."""
+        ids = self.pipeline.retriever.user_ids[:users].reshape(-1, 1).astype(np.int64)
+        for rows in (ids[:1], ids):
+            request = {"user_id": rows, "k": np.full((len(rows), 1), min(10, self.pipeline.k_max), np.int32)}
+            self.validate(request)
+            self.pipeline.serve([request])
 
     def _count(self, family: str, label: str, value: str) -> None:
         if family not in self._families:

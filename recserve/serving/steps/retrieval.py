@@ -67,8 +67,9 @@ def check_request(inputs: dict[str, np.ndarray], user_ids: np.ndarray, k_max: in
     inputs["user_idx"] = idx.reshape(-1, 1)
 
 
-def check_item_tower(meta: dict, repository: Path) -> None:
-    tower = repository.parent / "item_tower" / "1" / "model.onnx"
+def check_item_tower(meta: dict, version_dir: Path) -> None:
+    """The index was built from the item tower of the same version (`retrieval/V` -> `item_tower/V`)."""
+    tower = version_dir.parent.parent / "item_tower" / version_dir.name / "model.onnx"
     served = sha256_of(tower) if tower.exists() else "missing"
     if served != meta["item_tower_sha256"]:
         raise RuntimeError(
@@ -167,7 +168,7 @@ class TritonPythonModel(BatchedModel):
 
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         self.retriever = Retriever(version_dir, params)
-        check_item_tower(self.retriever.meta, self.repository)
+        check_item_tower(self.retriever.meta, version_dir)
         m = self.retriever.meta
         log.warning("retrieval: %s index over %d items on %s, K=%d, recall@%d vs exact %.4f", m["spec"]["kind"],
                     self.retriever.index.ntotal, self.retriever.device, self.retriever.k, m["recall_k"],

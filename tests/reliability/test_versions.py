@@ -1,0 +1,124 @@
+"""Versions: `recserve deploy` and `rollback` switch a running server under load, failing no request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from guarded import record
+from load import recommend_body, run_load
+
+from recserve.deploy import deploy, live_version, rollback
+from recserve.errors import ArtifactError
+from recserve.server import TritonServer, free_port
+from recserve.serving.frontdoor import access_log_times
+from recserve.serving.repository import RepoOptions
+
+CANDIDATES = 60
+SWITCH_WITHIN_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def versioned(artifacts, tmp_path_factory):
+    repository = tmp_path_factory.mktemp("versions") / "model_repository"
+    deploy(artifacts, repository, RepoOptions(candidates=CANDIDATES))      # a new repository: version 1
+    logs = tmp_path_factory.mktemp("versions_log")
+    server = TritonServer(repository, free_port(), free_port(), free_port(), log_file=logs / "triton.log",
+                          access_log=logs / "frontdoor.log")
+    with server:
+        yield server, repository
+
+
+def _answer(server, user: int) -> tuple[str, list[int]]:
+    r = requests.post(f"{server.url('http')}/v2/models/recommend/infer", data=recommend_body(user, 5), timeout=10)
+    r.raise_for_status()
+    doc = r.json()
+    return doc["model_version"], next(o["data"] for o in doc["outputs"] if o["name"] == "item_ids")
+
+
+def _wait_switched(server, version: int, since: int) -> dict:
+    sup = server.supervisor
+    deadline = time.monotonic() + SWITCH_WITHIN_S
+    while len(sup.swaps) <= since or sup.swaps[-1]["seconds"] is None:
+        assert time.monotonic() < deadline, f"the server did not switch to version {version}: {sup.swaps}"
+        time.sleep(0.05)
+    swap = sup.swaps[-1]
+    assert swap["to"] == version and swap["ok"], swap
+    return swap
+
+
+def _p99_ms(rows) -> float:
+    return round(float(np.percentile([dt for _, dt, _, _ in rows], 99)) * 1000, 1) if rows else float("nan")
+
+
+def test_deploy_under_load_switches_to_the_new_version_with_no_failed_request_and_rollback_returns(
+        versioned, artifacts):
+    server, repository = versioned
+    users = np.load(repository / "retrieval" / "1" / "users.npz")["user_ids"][:20].tolist()
+    before = {u: _answer(server, u) for u in users[:5]}
+    assert {v for v, _ in before.values()} == {"1"}
+    load: dict = {}
+    loader = threading.Thread(target=lambda: load.setdefault("r", run_load(
+        "127.0.0.1", server.http_port, 8, 16.0, [recommend_body(u) for u in users], track=True)), daemon=True)
+    loader.start()
+    time.sleep(3.0)
+    t_deploy, wall_deploy = time.monotonic(), time.time()
+    manifest = deploy(artifacts, repository, RepoOptions(candidates=CANDIDATES))
+    t_written, wall_written = time.monotonic(), time.time()
+    assert manifest["model_version"] == 2 and sorted(manifest["versions"]) == ["1", "2"]
+    swap = _wait_switched(server, 2, 0)
+    t_switched, wall_switched = time.monotonic(), time.time()
+    loader.join(60)
+    r = load["r"]
+    time.sleep(1.2)                       # nginx flushes its access log each second
+    # the front door's own clock: the load generator shares this process (and its GIL) with the supervisor
+    door = {name: round(access_log_times(server.access_log, infer_only=True, since=a, until=b)[200]["p99_ms"], 1)
+            for name, a, b in (("steady", 0, wall_deploy), ("swap", wall_written, wall_switched))}
+    steady = [row for row in r.timeline if row[0] < t_deploy]
+    during = [row for row in r.timeline if t_written <= row[0] <= t_switched]
+    after = [row for row in r.timeline if row[0] > t_switched + 0.5]
+    record("deploy under load", requests=r.total, failed=r.total - r.count(200), write_s=round(t_written - t_deploy, 2),
+           switch_s=swap["seconds"], steady_p99_ms=_p99_ms(steady), swap_p99_ms=_p99_ms(during),
+           after_p99_ms=_p99_ms(after), versions_during=sorted({v for *_, v in during}),
+           server_steady_p99_ms=door["steady"], server_swap_p99_ms=door["swap"])
+    assert set(r.statuses) == {200} and not r.errors, r.summary()
+    assert {v for *_, v in steady} == {"1"}
+    assert after and {v for *_, v in after} == {"2"}, "every answer after the switch comes from the new version"
+    assert requests.get(f"{server.url('http')}/v2/health/ready", timeout=5).status_code == 200
+    # the same artifacts: version 2 answers exactly as version 1 did
+    assert {u: _answer(server, u) for u in before} == {u: ("2", items) for u, (_, items) in before.items()}
+
+    restored = rollback(repository)
+    assert restored["model_version"] == 1 and live_version(repository) == 1
+    _wait_switched(server, 1, 1)
+    assert {u: _answer(server, u) for u in before} == before
+    with pytest.raises(ArtifactError, match="oldest"):
+        rollback(repository)
+
+
+def test_deploy_keeps_the_newest_versions_and_a_tampered_version_is_not_loaded(versioned, artifacts):
+    server, repository = versioned
+    sup = server.supervisor
+    live = live_version(repository)
+    swaps = len(sup.swaps)
+    m = deploy(artifacts, repository, RepoOptions(candidates=CANDIDATES), keep=2)
+    assert sorted(int(v) for v in m["versions"]) == [live, m["model_version"]]
+    removed = [v for v in range(1, m["model_version"]) if str(v) not in m["versions"]]
+    assert removed and not any((repository / model / str(v)).exists() for v in removed for model in m["models"])
+    _wait_switched(server, m["model_version"], swaps)
+    # a file of an older version changed on disk: rollback refuses to touch the repository, and the server,
+    # asked to switch to it anyway, verifies first and keeps serving the version it serves
+    onnx = repository / "ranker" / str(live) / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match=rf"ranker/{live}/model.onnx was changed after export"):
+        rollback(repository)
+    assert live_version(repository) == m["model_version"]
+    serving = sup.version
+    assert not sup.swap(live)
+    assert "changed after export" in sup.swaps[-1]["error"], sup.swaps[-1]
+    assert sup.version == serving
+    user = int(np.load(repository / "retrieval" / str(serving) / "users.npz")["user_ids"][0])
+    assert _answer(server, user)[0] == str(serving), "the version that served still serves"
