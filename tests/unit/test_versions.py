@@ -1,0 +1,98 @@
+"""`recserve deploy` / `rollback` on disk: numbered versions, configs that load one, hashes that still verify."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recserve.deploy import deploy, live_dir, live_version, rollback
+from recserve.errors import ArtifactError
+from recserve.export.index import IndexSpec
+from recserve.integrity import verify_repository
+from recserve.serving.repository import RepoOptions, parse
+
+OPTS = RepoOptions(candidates=60, index=IndexSpec("flat"))
+
+
+def _configs(repository) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in sorted(repository.glob("*/config.pbtxt"))}
+
+
+def _loaded_versions(repository) -> dict[str, tuple[int, ...]]:
+    return {m: tuple(parse(text).version_policy.specific.versions) for m, text in _configs(repository).items()}
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_artifacts, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("versions") / "model_repository"
+    deploy(tiny_artifacts, repo, OPTS)
+    return repo
+
+
+def test_a_new_repository_is_version_1_and_every_config_loads_exactly_that_version(repository):
+    manifest = verify_repository(repository)
+    assert manifest["model_version"] == 1 and list(manifest["versions"]) == ["1"]
+    assert set(_loaded_versions(repository).values()) == {(1,)}
+    for model, text in _configs(repository).items():
+        assert (repository / model / "1" / "config.pbtxt").read_text() == text, "each version keeps its config"
+    assert live_dir(repository, "retrieval") == repository / "retrieval" / "1"
+
+
+def test_deploy_adds_the_next_version_keeps_the_newest_and_the_repository_still_verifies(repository, tiny_artifacts):
+    m2 = deploy(tiny_artifacts, repository, OPTS, keep=2)
+    assert (m2["model_version"], m2["previous_version"]) == (2, 1)
+    m3 = deploy(tiny_artifacts, repository, OPTS, keep=2)
+    assert m3["model_version"] == 3 and sorted(m3["versions"]) == ["2", "3"]
+    assert not list(repository.glob("*/1")), "version 1 was pruned (keep=2)"
+    assert set(_loaded_versions(repository).values()) == {(3,)}
+    manifest = verify_repository(repository)
+    assert not [f for f in manifest["sha256"] if f.split("/")[1:2] == ["1"]], "no hash of a removed file remains"
+    assert json.loads((repository / "fallback.json").read_text()) == json.loads(
+        (repository / "catalogue" / "3" / "fallback.json").read_text())
+
+
+def test_rollback_restores_the_earlier_configs_byte_for_byte_and_stops_at_the_oldest(repository):
+    live = live_version(repository)
+    before = sorted(int(v) for v in json.loads((repository / "manifest.json").read_text())["versions"])
+    older = max(v for v in before if v < live)
+    restored = rollback(repository)
+    assert restored["model_version"] == older and restored["previous_version"] == live
+    for model, text in _configs(repository).items():
+        assert text == (repository / model / str(older) / "config.pbtxt").read_text()
+    verify_repository(repository)
+    with pytest.raises(ArtifactError, match="oldest"):
+        rollback(repository)
+    with pytest.raises(ArtifactError, match=r"version 99 is not in .* it keeps"):
+        rollback(repository, to=99)
+    rollback(repository, to=live)          # forward again, to a kept version
+    assert live_version(repository) == live
+
+
+def test_a_repository_that_does_not_match_its_manifest_is_left_as_it_is(repository, tiny_artifacts):
+    manifest_before = (repository / "manifest.json").read_text()
+    victim = live_dir(repository, "ranker") / "model.onnx"
+    original = victim.read_bytes()
+    victim.write_bytes(original + b"\0")
+    try:
+        with pytest.raises(ArtifactError, match=r"ranker/\d+/model.onnx was changed after export"):
+            deploy(tiny_artifacts, repository, OPTS)
+        with pytest.raises(ArtifactError, match="changed after export"):
+            rollback(repository)
+        assert (repository / "manifest.json").read_text() == manifest_before
+    finally:
+        victim.write_bytes(original)
+    verify_repository(repository)
+
+
+def test_deploy_refuses_a_repository_written_before_versions(tmp_path, repository):
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest.pop("versions")
+    manifest["format"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="older recserve"):
+        rollback(old)
+    with pytest.raises(ArtifactError, match="keep at least 2"):
+        deploy(tmp_path, repository, OPTS, keep=1)
