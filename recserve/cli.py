@@ -3,7 +3,7 @@
     recserve data synth|fetch      recserve train      recserve evaluate
     recserve export onnx|repository                    recserve serve
     recserve recommend             recserve demo       recserve bench
-    recserve deploy                recserve rollback
+    recserve deploy                recserve rollback   recserve ab start|stop|report
 """
 
 from __future__ import annotations
@@ -338,6 +338,52 @@ def rollback(
 
     m = run_rollback(repository, to)
     typer.echo(f"{repository}: version {m['model_version']} is live again (was {m['previous_version']})")
+
+
+ab_app = typer.Typer(help="A/B splits between two model versions: start, stop, report.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("start")
+@clean_errors
+def ab_start(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", help="The served repository."),
+    b: int = typer.Option(..., "--b", help="The version arm b serves (arm a is the live version)."),
+    share: float = typer.Option(0.1, help="The part of users in arm b, 0..1."),
+    salt: str | None = typer.Option(None, help="Salt of the user hash (a new one reshuffles users); default: new."),
+):
+    """Serve version B of `recommend` to SHARE of the users (by a salted hash of the user id), the live one to the
+    rest; a running server loads B beside it, and each answer names its arm (header `recserve-arm`)."""
+    from recserve.ab import start
+
+    split = start(repository, b, share, salt)
+    typer.echo(f"{repository}: A/B on {split['model']}: arm a = version {split['a']}, arm b = version {split['b']} "
+               f"for {split['share']:.0%} of users (salt {split['salt']})")
+
+
+@ab_app.command("stop")
+@clean_errors
+def ab_stop(repository: Path = typer.Option(Path("model_repository"), "--repository", help="The served repository.")):
+    """End the split: the live version serves every user."""
+    from recserve.ab import stop
+
+    split = stop(repository)
+    typer.echo(f"{repository}: A/B ended; version {split['a']} serves every user")
+
+
+@ab_app.command("report")
+@clean_errors
+def ab_report(
+    events: Path = typer.Option(..., "--events", help="The event log RecClient(event_log=...) writes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Click-through per version (arm), with 95% intervals and a two-proportion z-test."""
+    import json as json_
+
+    from recserve.ab import format_report, report
+
+    r = report(events)
+    typer.echo(json_.dumps(r, indent=2) if as_json else format_report(r))
 
 
 @app.command()

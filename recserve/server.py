@@ -555,7 +555,7 @@ class TritonServer:
                                          self.front_door.set_state if self.front_door else (lambda state: None),
                                          self.admin_headers, restart_server=self.restart,
                                          exit_cause=self.exit_cause, max_restarts=self.max_restarts,
-                                         on_swap=self._new_contract)
+                                         on_swap=self._new_contract, before_swap=self._interim_contract)
             self.supervisor.start()
         elif self.front_door is not None:
             self.front_door.set_state("ready")
@@ -566,6 +566,14 @@ class TritonServer:
             from recserve.serving.frontdoor import contract
 
             self.front_door.reload(contract(self.repository))
+
+    def _interim_contract(self, pin: int | None) -> None:
+        """While an A/B split starts or ends: every request to `recommend` goes to version `pin` (or, `None`,
+        to the newest loaded version), never to an arm that is not loaded yet or any more."""
+        if self.front_door is not None:
+            from recserve.serving.frontdoor import contract
+
+            self.front_door.reload(contract(self.repository, pin=pin, split=False))
 
     def _server_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None

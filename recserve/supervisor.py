@@ -118,7 +118,8 @@ class Supervisor:
                  interval: float = 0.5, canary_every: float = 2.0, canary_timeout: float = 3.0,
                  restart_server: Callable[[Callable[[], bool]], bool] | None = None,
                  exit_cause: Callable[[], str] = lambda: "it stopped", max_restarts: int = 3,
-                 on_swap: Callable[[], object] = lambda: None):
+                 on_swap: Callable[[], object] = lambda: None,
+                 before_swap: Callable[[int | None], object] = lambda pin: None):
         self.url = url.rstrip("/")
         self.server_pid = server_pid
         self.restart_server, self.exit_cause, self.max_restarts = restart_server, exit_cause, max_restarts
@@ -129,10 +130,11 @@ class Supervisor:
         self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
         self.repository = Path(repository)
         self.canaries = Canaries(repository)
-        self.on_swap = on_swap
-        self.version = self._live()
+        self.on_swap, self.before_swap = on_swap, before_swap
+        self.serving = self._live()                  # (version, A/B split) the server serves
+        self.version = self.serving[0] if self.serving else 1
         self.swaps: list[dict] = []     # {"from", "to", "seconds", "ok", "error"} per switch of the live version
-        self._refused: int | None = None
+        self._refused: tuple[int, str] | None = None
         self.restarts: list[dict] = []          # {"model", "reason", "seconds", "ok"} per reload
         self.history: list[tuple[float, str]] = []   # (time.monotonic(), state) each time readiness changes
         self._stop = threading.Event()
@@ -253,21 +255,23 @@ class Supervisor:
 
     # -- versions: `recserve deploy` / `rollback` changed the live version (recserve/deploy.py) ---------------
 
-    def _live(self) -> int | None:
-        from recserve.deploy import live_version
-
+    def _live(self) -> tuple[int, str] | None:
+        """What the manifest says to serve: (live version, the A/B split as JSON, "" when none)."""
         try:
-            return live_version(self.repository)
+            manifest = json.loads((self.repository / "manifest.json").read_text())
+            return int(manifest.get("model_version", 1)), json.dumps(manifest.get("ab") or "", sort_keys=True)
         except (OSError, ValueError):     # a manifest being replaced; the next look sees it whole
             return None
 
     def swap(self, version: int) -> bool:
-        """Load every model's `version` (its config on disk names it) while the old version serves."""
+        """Load every model's `version` (its config on disk names it, and an A/B split's second version) while
+        the old version serves."""
         from recserve.deploy import SWAP_ORDER
         from recserve.errors import RecserveError
         from recserve.integrity import verify_repository
 
         t0, record = time.monotonic(), {"from": self.version, "to": version, "seconds": None, "ok": False}
+        state = self._live()
         self.swaps.append(record)
         log.warning("supervisor: the repository's live version is now %s (was %s); loading it", version,
                     self.version)
@@ -277,8 +281,13 @@ class Supervisor:
             record["error"] = f"not loaded: {exc}"
             record["seconds"] = round(time.monotonic() - t0, 3)
             log.error("supervisor: version %s %s; version %s serves on", version, record["error"], self.version)
-            self._refused = version           # not retried until the manifest names another version
+            self._refused = state             # not retried until the manifest says something else
             return False
+        old_split, new_split = (self.serving or (None, '""'))[1] != '""', state is not None and state[1] != '""'
+        if state is not None and state[0] == self.version and (old_split or new_split):
+            self.before_swap(self.version)    # a split starts or ends: every user on the live version meanwhile
+        elif old_split:
+            self.before_swap(None)            # a deploy ends a split: the newest loaded version meanwhile
         models = [m for m in SWAP_ORDER if m in self.canaries.models] + \
             [m for m in self.canaries.models if m not in SWAP_ORDER]
         for model in models:
@@ -291,7 +300,7 @@ class Supervisor:
             if r.status_code != 200:
                 record["error"] = f"loading {model}: {r.text[:300]}"
                 break
-        self.version, self._refused = version, None
+        self.version, self.serving, self._refused = version, state, None
         self.canaries = Canaries(self.repository)
         self.on_swap()
         pid = self.server_pid()
@@ -307,8 +316,8 @@ class Supervisor:
         last_canary, ready = time.monotonic(), True
         while not self._stop.wait(self.interval):
             live = self._live()
-            if live is not None and live not in (self.version, self._refused) and self.server_pid() is not None:
-                self.swap(live)
+            if live is not None and live not in (self.serving, self._refused) and self.server_pid() is not None:
+                self.swap(live[0])
                 last_canary = 0.0        # a canary right away
                 continue
             if self.server_pid() is None:

@@ -18,6 +18,7 @@ import itertools
 import json
 import random
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class Recommendation:
     mode: str
     items: list[RecommendedItem] = field(default_factory=list)
     source: str = "personalized"
+    version: str = ""          # the model version that answered (an A/B split's arms are versions)
+    request_id: str = ""       # set when the client logs events: what `RecClient.click` refers to
 
     def as_dict(self) -> dict[str, Any]:
         """``{"user": ID, "mode": ..., "source": ..., "items": [{"item_id", "score", "title"[, "propensity"]}]}``."""
@@ -141,6 +144,7 @@ class _Transport:
     def __init__(self, protocol: str, url: str, timeout: float) -> None:
         self.protocol, self.timeout = protocol, timeout
         self.where = f"{url} ({protocol})"
+        self.last_version = ""      # model_version of the last answer
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as module
@@ -200,6 +204,9 @@ class _Transport:
                     wanted = [self._module.InferRequestedOutput(name) for name in names]
                     result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
                     arrays = {name: result.as_numpy(name) for name in names}
+                    response = result.get_response()
+                    self.last_version = str(response.get("model_version", "") if isinstance(response, dict)
+                                            else getattr(response, "model_version", ""))
                 break
             except Overloaded:
                 # shed by the server: back off (exponential, full jitter) and retry within the deadline
@@ -314,6 +321,8 @@ class RecClient:
             answers within ``timeout``, ``recommend`` returns its first k items with ``source="fallback"``
             instead of raising.
         cache_ttl: seconds a deterministic answer (no exploration) is reused for the same request; 0 = off.
+        event_log: a file to append an `impression` per answer to, and a `click` per :meth:`click`
+            (`recserve.events`: JSON lines, rotated); `recserve ab report` reads it.
 
     Raises:
         ClientError: a bad protocol or timeout.
@@ -331,6 +340,7 @@ class RecClient:
         k_max: int | None = None,
         fallback: str | Path | None = None,
         cache_ttl: float = 0.0,
+        event_log: str | Path | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ClientError(f"protocol={protocol!r} is not supported: choose 'grpc' or 'http'")
@@ -353,12 +363,17 @@ class RecClient:
         self.cache_hits = self.cache_misses = 0
         self._options_served: bool | None = None
         self._transport = _Transport(protocol, self.url, self.timeout)
+        from recserve.events import EventLog
+
+        self.events = EventLog(event_log) if event_log is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection; the client is not usable afterwards."""
+        """Close the connection (and the event log); the client is not usable afterwards."""
         self._transport.close()
+        if self.events is not None:
+            self.events.close()
 
     def __enter__(self) -> RecClient:
         return self
@@ -501,10 +516,26 @@ class RecClient:
         names = self.titles(ids) if titles else [""] * len(ids)
         items = [RecommendedItem(int(i), float(sc), t, None if pr is None else float(pr))
                  for i, sc, t, pr in zip(ids, scores, names, props)]
-        rec = Recommendation(user=int(user_id), mode=mode, items=items, source=source)
+        version = self._transport.last_version if mode == "ensemble" else ""
+        rec = Recommendation(user=int(user_id), mode=mode, items=items, source=source, version=version,
+                             request_id=uuid.uuid4().hex if self.events is not None else "")
+        if self.events is not None:
+            self.events.write({"type": "impression", "request_id": rec.request_id, "user": rec.user,
+                               "items": rec.item_ids, "source": source, "version": version,
+                               **({"propensities": [it.propensity for it in items]} if exploring else {})})
         if self.cache_ttl and not exploring:
             self._cache[key] = (time.monotonic() + self.cache_ttl, rec)
         return rec
+
+    def click(self, rec: Recommendation, item_id: int) -> None:
+        """Log that the user clicked `item_id` of the answer `rec` (needs `event_log`)."""
+        if self.events is None:
+            raise ClientError("click() logs to the event log: create the client with RecClient(event_log=PATH)")
+        if int(item_id) not in rec.item_ids:
+            raise ClientError(f"item {item_id} was not in recommendation {rec.request_id or '(unlogged)'}: "
+                              f"it showed {rec.item_ids}")
+        self.events.write({"type": "click", "request_id": rec.request_id, "user": rec.user, "item": int(item_id),
+                           "version": rec.version})
 
     def _has_options(self) -> bool:
         """Whether the served `recommend` answers `source` / `propensity` (the embedded flavor; cached)."""

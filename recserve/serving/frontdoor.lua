@@ -145,6 +145,42 @@ local function check_input(model, c, t)
     return batch, 0
 end
 
+-- A/B split (`recserve ab start`): a request to `recommend` that names no version goes to arm b's version when
+-- crc32(salt .. ":" .. user_id) % 10000 < share * 10000 (the first row's user: a batch goes to one arm), else to
+-- arm a's; `recserve.ab.arm` computes the same in Python. user_id is read from JSON data or from the binary part.
+local ffi = require "ffi"
+local int64 = ffi.new("int64_t[1]")
+
+local function first_user(inputs, binary)
+    local offset = 0
+    for i = 1, #inputs do
+        local t = inputs[i]
+        local size = type(t.parameters) == "table" and t.parameters.binary_data_size or nil
+        if t.name == "user_id" then
+            if size then
+                if #binary < offset + 8 then return nil end
+                ffi.copy(int64, binary:sub(offset + 1, offset + 8), 8)
+                return tonumber(int64[0])
+            elseif type(t.data) == "table" then
+                local first = {}
+                flatten(t.data, first, 1, 1)
+                return first[1]
+            end
+        end
+        offset = offset + (size or 0)
+    end
+end
+
+local function ab_route(model, inputs, binary)
+    local ab = CONTRACT.ab
+    if not ab or model ~= ab.model or ngx.var.uri:find("/versions/", 1, true) then return end
+    local user = first_user(inputs, binary)
+    local arm = "a"
+    if user and ngx.crc32_long(ab.salt .. ":" .. string.format("%d", user)) % 10000 < ab.cut then arm = "b" end
+    if ab.share > 0 then ngx.var.recserve_arm = arm end   -- share 0: pinned to one version while a split changes
+    ngx.req.set_uri("/v2/models/" .. model .. "/versions/" .. ab[arm] .. "/infer")
+end
+
 -- access phase of POST /v2/models/<model>[/versions/<n>]/infer
 function M.infer(model)
     local c = CONTRACT.models[model]
@@ -193,6 +229,7 @@ function M.infer(model)
     if declared ~= binary_len then
         return reject(400, "the inputs declare " .. declared .. " bytes of binary data but the body carries " .. binary_len)
     end
+    ab_route(model, inputs, binary_len > 0 and body:sub(#header + 1) or "")
     local outputs = req.outputs
     if outputs ~= nil then
         if type(outputs) ~= "table" then return reject(400, "'outputs' must be a list") end
@@ -242,6 +279,10 @@ end
 
 -- prepare the contract once per worker: lists for messages, required names
 function M.init(contract)
+    if contract.ab then
+        contract.ab.cut = math.floor(contract.ab.share * 10000 + 0.5)
+        contract.ab.a, contract.ab.b = tostring(contract.ab.a), tostring(contract.ab.b)
+    end
     local names = {}
     for model, c in pairs(contract.models) do
         names[#names + 1] = model

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from recserve.errors import ServerError
@@ -49,9 +50,16 @@ MAX_INFLIGHT = 64
 CJSON_DIRS = ("/usr/lib/x86_64-linux-gnu/lua/5.1", "/usr/lib/aarch64-linux-gnu/lua/5.1", "/usr/local/lib/lua/5.1")
 
 
-def contract(repository: Path) -> dict:
+RELOAD_S = 0.3   # what a reload is given before the next step relies on it
+
+
+def contract(repository: Path, pin: int | None = None, split: bool = True) -> dict:
     """What the front door accepts: the public models' inputs, outputs and batch sizes, read back from the
-    repository's own config.pbtxt files (what Triton enforces), so the two cannot disagree."""
+    repository's own config.pbtxt files (what Triton enforces), so the two cannot disagree.
+
+    With the manifest's A/B split (`recserve ab`), requests to `recommend` naming no version are routed to the
+    arms' versions; `pin`: every such request goes to that version instead (while a split starts or ends);
+    `split=False`: no routing at all (Triton then serves the newest loaded version)."""
     from recserve.serving.repository import parse
 
     models = {}
@@ -74,7 +82,14 @@ def contract(repository: Path) -> dict:
         models[name] = {"max_batch": batch, "inputs": inputs, "output_names": [o.name for o in cfg.output],
                         # the largest valid request in JSON, plus the request's own structure
                         "max_body": batch * width * JSON_BYTES_PER_VALUE + 4096}
-    return {"models": models}
+    out: dict = {"models": models}
+    manifest = Path(repository) / "manifest.json"
+    ab = json.loads(manifest.read_text()).get("ab") if manifest.is_file() else None
+    if pin is not None:
+        out["ab"] = {"model": "recommend", "a": pin, "b": pin, "share": 0.0, "salt": ""}
+    elif ab and split:         # `recserve ab start`: the split the front door applies (recserve/ab.py)
+        out["ab"] = {k: ab[k] for k in ("model", "a", "b", "share", "salt")}
+    return out
 
 
 def model_dtype(data_type: int) -> str:
@@ -156,7 +171,9 @@ def nginx_conf(workdir: Path, host: str, port: int, upstream_port: int, contract
       limit_except POST {{ deny all; }}
       client_max_body_size {size};
       client_body_buffer_size {size};
+      set $recserve_arm "";
       access_by_lua_block {{ frontdoor.infer("{name}") }}
+      add_header recserve-arm $recserve_arm always;
       proxy_pass http://triton;
     }}""")
     temp = "\n  ".join(f"{k}_temp_path {workdir / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -350,6 +367,7 @@ class FrontDoor:
         conf.write_text(nginx_conf(self.workdir, self.host, self.port, self.upstream_port, self.contract,
                                    self.max_inflight, user, self.access_log, self.grpc, self.grpc_statistics))
         self.proc.send_signal(signal.SIGHUP)
+        time.sleep(RELOAD_S)       # the new worker starts; the old one finishes its requests and goes
 
     def set_state(self, state: str) -> bool:
         """`ready`, or why not (`restoring ranker: ...`, `draining`); False when nginx did not take it."""

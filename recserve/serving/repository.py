@@ -97,6 +97,10 @@ def render(config: dict) -> str:
     return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
 
+def render_proto(config: model_config_pb2.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
 def parse(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 

@@ -99,6 +99,55 @@ def test_deploy_under_load_switches_to_the_new_version_with_no_failed_request_an
         rollback(repository)
 
 
+def test_an_ab_split_sends_each_user_to_the_arm_its_salted_hash_names_and_the_report_compares_them(
+        versioned, tmp_path):
+    from recserve import ab
+    from recserve.client import RecClient
+
+    server, repository = versioned
+    sup = server.supervisor
+    assert live_version(repository) == 1
+    swaps = len(sup.swaps)
+    split = ab.start(repository, b=2, share=0.5, salt="test")
+    assert (split["a"], split["b"]) == (1, 2)
+    _wait_switched(server, 1, swaps)              # the live version stays; recommend loads version 2 beside it
+    users = np.load(repository / "retrieval" / "1" / "users.npz")["user_ids"][:40].tolist()
+    arms = {}
+    for u in users:
+        r = requests.post(f"{server.url('http')}/v2/models/recommend/infer", data=recommend_body(u), timeout=10)
+        assert r.status_code == 200, r.text
+        arms[u] = (r.headers.get("recserve-arm"), r.json()["model_version"])
+    want = {u: (ab.arm(u, 0.5, "test"), "2" if ab.arm(u, 0.5, "test") == "b" else "1") for u in users}
+    assert arms == want, {u: (arms[u], want[u]) for u in users if arms[u] != want[u]}
+    assert 5 < sum(a == "b" for a, _ in arms.values()) < 35
+    # an explicit version is served as asked, outside the split
+    r = requests.post(f"{server.url('http')}/v2/models/recommend/versions/1/infer", data=recommend_body(users[0]),
+                      timeout=10)
+    assert r.json()["model_version"] == "1" and not r.headers.get("recserve-arm")
+
+    log = tmp_path / "events.jsonl"
+    with RecClient(server.url("http"), protocol="http", event_log=log) as client:
+        for u in users:
+            rec = client.recommend(u, k=5)
+            assert rec.version == want[u][1] and rec.request_id
+            if ab.arm(u, 0.5, "test") == "b" or u % 3 == 0:
+                client.click(rec, rec.item_ids[0])
+    report = ab.report(log)
+    shown = {v: sum(1 for _, ver in want.values() if ver == v) for v in ("1", "2")}
+    assert {v: a["impressions"] for v, a in report["versions"].items()} == shown
+    assert report["versions"]["2"]["ctr"] == 1.0 and report["comparison"]["b"] == "2"
+    assert report["comparison"]["ctr_lift"] > 0
+    record("ab split", users=len(users), arm_b=shown["2"], ctr=dict((v, round(a["ctr"], 3))
+                                                                    for v, a in report["versions"].items()))
+
+    swaps = len(sup.swaps)
+    ab.stop(repository)
+    _wait_switched(server, 1, swaps)
+    r = requests.post(f"{server.url('http')}/v2/models/recommend/infer", data=recommend_body(users[0]), timeout=10)
+    assert not r.headers.get("recserve-arm"), "the front door still splits after ab stop"
+    assert {_answer(server, u)[0] for u in users[:10]} == {"1"}
+
+
 def test_deploy_keeps_the_newest_versions_and_a_tampered_version_is_not_loaded(versioned, artifacts):
     server, repository = versioned
     sup = server.supervisor

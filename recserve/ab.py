@@ -1,0 +1,142 @@
+"""A/B tests between two versions of `recommend`, on live traffic: the split, and the report from the event log.
+
+`recserve ab start --repository R --b V --share 0.1` loads version V of `recommend` beside the live version
+(its config lists both; the other models stay on the live version) and records the split in the manifest
+(`"ab"`). The front door (recserve/serving/frontdoor.lua) then sends a request that names no version to
+arm b's version when `crc32(salt:user_id) % 10000 < share * 10000`, else to arm a's (the live one): a user
+always sees the same arm, and a new salt reshuffles users. Each answer names its arm (the `recserve-arm` header)
+and its version (`model_version`). gRPC requests are not split (a client picks a version there, by `arm`).
+`recserve ab stop`, a deploy or a rollback end the split.
+
+`recserve ab report --events LOG` reads the event log the client writes (`recserve.events`) and compares the
+arms by the version that answered: click-through per impression with a 95% (Wilson) interval, a two-proportion
+z-test, and clicks weighted by position (a DCG-style reward: a click at rank r counts 1 / log2(r + 1)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+from recserve.deploy import _replace_file, _verified, _write_manifest
+from recserve.errors import ArtifactError
+
+MODEL = "recommend"
+BUCKETS = 10000
+
+
+def arm(user_id: int, share: float, salt: str) -> str:
+    """The arm of one user, as the front door computes it."""
+    return "b" if zlib.crc32(f"{salt}:{int(user_id)}".encode()) % BUCKETS < round(share * BUCKETS) else "a"
+
+
+def start(repository: Path, b: int, share: float, salt: str | None = None) -> dict:
+    """Serve version `b` of `recommend` to `share` of the users, the live version to the rest."""
+    from recserve.serving.repository import parse, render_proto
+
+    repository = Path(repository)
+    if not 0.0 < share < 1.0:
+        raise ArtifactError(f"share={share}: give the part of users arm b gets, between 0 and 1 (0.1 = 10%)")
+    manifest = _verified(repository)
+    a = int(manifest["model_version"])
+    if str(b) not in manifest["versions"] or b == a:
+        kept = sorted(int(v) for v in manifest["versions"])
+        raise ArtifactError(f"version {b} cannot be arm b: the repository keeps {kept} and {a} is live (arm a); "
+                            "add a version with `recserve deploy`, then roll back to the one arm a should be")
+    cfg_a, cfg_b = (parse((repository / MODEL / str(v) / "config.pbtxt").read_text()) for v in (a, b))
+    for cfg in (cfg_a, cfg_b):
+        cfg.ClearField("version_policy")
+    if cfg_a != cfg_b:
+        raise ArtifactError(f"versions {a} and {b} of {MODEL} differ in their config (inputs, outputs, batching or "
+                            "parameters): one config serves both arms, so they must agree; export both alike")
+    cfg_a.version_policy.specific.versions.extend(sorted({a, b}))
+    text = render_proto(cfg_a)
+    tmp = repository / MODEL / ".config.pbtxt.new"
+    tmp.write_text(text)
+    _replace_file(tmp, repository / MODEL / "config.pbtxt")
+    tmp.unlink()
+    split = {"model": MODEL, "a": a, "b": int(b), "share": float(share), "salt": salt or secrets.token_hex(4)}
+    hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": hashlib.sha256(text.encode()).hexdigest()}
+    _write_manifest(repository, {**{k: v for k, v in manifest.items() if k != "sha256"}, "ab": split}, hashes)
+    return split
+
+
+def stop(repository: Path) -> dict:
+    """End the split: `recommend` serves the live version alone again."""
+    repository = Path(repository)
+    manifest = _verified(repository)
+    if not manifest.get("ab"):
+        raise ArtifactError(f"{repository} runs no A/B split")
+    live = int(manifest["model_version"])
+    _replace_file(repository / MODEL / str(live) / "config.pbtxt", repository / MODEL / "config.pbtxt")
+    hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": manifest["sha256"][f"{MODEL}/{live}/config.pbtxt"]}
+    ended = manifest["ab"]
+    _write_manifest(repository, {k: v for k, v in manifest.items() if k not in ("sha256", "ab")}, hashes)
+    return ended
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+def _interval(clicks: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    z, p = 1.959964, clicks / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def report(events: Path) -> dict:
+    """Per model version (the arms of a split are versions): impressions, clicks, CTR with its 95% interval,
+    DCG-style reward per impression; with two versions, the later-named against the first."""
+    from recserve.events import read_events
+
+    shown: dict[str, tuple[str, dict[int, int]]] = {}
+    per = defaultdict(lambda: {"impressions": 0, "clicks": 0, "reward": 0.0})
+    skipped: list[int] = []
+    for e in read_events(events, skipped):
+        if e["type"] == "impression":
+            version = str(e.get("version") or "?")
+            shown[e["request_id"]] = (version, {int(i): pos for pos, i in enumerate(e.get("items", []))})
+            per[version]["impressions"] += 1
+        elif e["type"] == "click" and e["request_id"] in shown:
+            version, positions = shown[e["request_id"]]
+            pos = positions.get(int(e.get("item", -1)))
+            if pos is not None:
+                per[version]["clicks"] += 1
+                per[version]["reward"] += 1.0 / math.log2(pos + 2)
+    arms = {}
+    for name in sorted(per, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)):
+        a, n = per[name], per[name]["impressions"]
+        arms[name] = {"impressions": n, "clicks": a["clicks"], "ctr": a["clicks"] / n if n else float("nan"),
+                      "ctr_95": _interval(a["clicks"], n),
+                      "reward_per_impression": a["reward"] / n if n else float("nan")}
+    out: dict = {"versions": arms, "skipped_lines": sum(skipped)}
+    if len(arms) == 2:
+        (va, a), (vb, b) = arms.items()
+        pooled = (a["clicks"] + b["clicks"]) / (a["impressions"] + b["impressions"])
+        se = math.sqrt(pooled * (1 - pooled) * (1 / a["impressions"] + 1 / b["impressions"]))
+        z = (b["ctr"] - a["ctr"]) / se if se > 0 else 0.0
+        out["comparison"] = {"a": va, "b": vb, "ctr_lift": b["ctr"] / a["ctr"] - 1 if a["ctr"] else float("nan"),
+                             "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = ["version  impressions  clicks  CTR     95% interval      reward/impression"]
+    for name, a in r["versions"].items():
+        lo, hi = a["ctr_95"]
+        lines.append(f"{name:<8} {a['impressions']:>11,} {a['clicks']:>7,}  {a['ctr']:.4f}  [{lo:.4f}, {hi:.4f}]  "
+                     f"{a['reward_per_impression']:.4f}")
+    if "comparison" in r:
+        c = r["comparison"]
+        lines.append(f"version {c['b']} against {c['a']}: CTR {c['ctr_lift']:+.1%}, z = {c['z']:.2f}, "
+                     f"two-sided p = {c['p_value']:.4f} (two-proportion z-test)")
+    if r["skipped_lines"]:
+        lines.append(f"{r['skipped_lines']} line(s) of the log were not whole events and were skipped")
+    return "\n".join(lines)
