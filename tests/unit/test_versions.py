@@ -96,3 +96,26 @@ def test_deploy_refuses_a_repository_written_before_versions(tmp_path, repositor
         rollback(old)
     with pytest.raises(ArtifactError, match="keep at least 2"):
         deploy(tmp_path, repository, OPTS, keep=1)
+
+
+def test_an_ab_split_lists_both_versions_in_recommends_config_and_stop_restores_it(repository):
+    from recserve import ab
+
+    live = live_version(repository)
+    other = max(int(v) for v in json.loads((repository / "manifest.json").read_text())["versions"] if int(v) != live)
+    before = (repository / "recommend" / "config.pbtxt").read_text()
+    with pytest.raises(ArtifactError, match="between 0 and 1"):
+        ab.start(repository, b=other, share=1.5)
+    with pytest.raises(ArtifactError, match=f"{live} is live"):
+        ab.start(repository, b=live, share=0.1)
+    split = ab.start(repository, b=other, share=0.25, salt="x")
+    assert split == {"model": "recommend", "a": live, "b": other, "share": 0.25, "salt": "x"}
+    assert _loaded_versions(repository)["recommend"] == tuple(sorted({live, other}))
+    assert {m: v for m, v in _loaded_versions(repository).items() if m != "recommend"} == {
+        m: (live,) for m in _configs(repository) if m != "recommend"}, "the other models stay on the live version"
+    assert verify_repository(repository)["ab"] == split
+    ab.stop(repository)
+    assert (repository / "recommend" / "config.pbtxt").read_text() == before
+    assert "ab" not in verify_repository(repository)
+    with pytest.raises(ArtifactError, match="no A/B split"):
+        ab.stop(repository)
