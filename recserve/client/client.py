@@ -204,7 +204,7 @@ class _Transport:
                     wanted = [self._module.InferRequestedOutput(name) for name in names]
                     result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
                     arrays = {name: result.as_numpy(name) for name in names}
-                    response = result.get_response()
+                    response = result.get_response() if hasattr(result, "get_response") else None
                     self.last_version = str(response.get("model_version", "") if isinstance(response, dict)
                                             else getattr(response, "model_version", ""))
                 break
