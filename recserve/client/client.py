@@ -145,6 +145,7 @@ class _Transport:
         self.protocol, self.timeout = protocol, timeout
         self.where = f"{url} ({protocol})"
         self.last_version = ""      # model_version of the last answer
+        self.retry_shed = True      # off behind _Replicas, which tries another replica first
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as module
@@ -211,7 +212,7 @@ class _Transport:
             except Overloaded:
                 # shed by the server: back off (exponential, full jitter) and retry within the deadline
                 pause = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt))
-                if time.monotonic() + pause >= deadline:
+                if not self.retry_shed or time.monotonic() + pause >= deadline:
                     raise
                 time.sleep(pause)
         missing = [name for name, array in arrays.items() if array is None]
@@ -234,6 +235,73 @@ class _Transport:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._client.close()
+
+
+class _Replicas:
+    """Several servers behind one client: each call starts at the next replica (round robin); a replica that is
+    down, unreachable or shedding is skipped for `COOLDOWN_S` and the call goes to the next one, with jittered
+    backoff once every replica failed, within the call's timeout. A request the server refused (ClientError) is
+    not retried elsewhere."""
+
+    COOLDOWN_S = 1.0
+
+    def __init__(self, protocol: str, urls: list[str], timeout: float) -> None:
+        self.replicas = [_Transport(protocol, u, timeout) for u in urls]
+        for r in self.replicas:
+            r.retry_shed = False
+        self.timeout, self.protocol = timeout, protocol
+        self.where = ", ".join(r.where for r in self.replicas)
+        self.last_version = ""
+        self.failovers = 0
+        self._next = 0
+        self._down_until = [0.0] * len(self.replicas)
+
+    def _call(self, fn):
+        deadline = time.monotonic() + self.timeout
+        last: ServerError | None = None
+        for attempt in itertools.count():
+            now, n = time.monotonic(), len(self.replicas)
+            order = [(self._next + j) % n for j in range(n)]
+            order = [i for i in order if self._down_until[i] <= now] + [i for i in order if self._down_until[i] > now]
+            for i in order:
+                try:
+                    out = fn(self.replicas[i])
+                except ClientError:
+                    raise
+                except ServerError as exc:
+                    last = exc
+                    self._down_until[i] = time.monotonic() + self.COOLDOWN_S
+                    self.failovers += 1
+                    continue
+                self._next = (i + 1) % n
+                self.last_version = self.replicas[i].last_version
+                return out
+            pause = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt))
+            if time.monotonic() + pause >= deadline:
+                assert last is not None
+                raise ServerError(f"no replica answered within {self.timeout:g} s ({self.where}); the last: {last}")
+            time.sleep(pause)
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
+        names = list(outputs)
+        return self._call(lambda r: r.infer(model, inputs, names))
+
+    def model_config(self, model: str) -> dict[str, Any]:
+        return self._call(lambda r: r.model_config(model))
+
+    def is_ready(self) -> bool:
+        return any(self._ready(r) for r in self.replicas)
+
+    @staticmethod
+    def _ready(r: _Transport) -> bool:
+        try:
+            return r.is_ready()
+        except ServerError:
+            return False
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.close()
 
 
 def _read_fallback(path: Path) -> dict:
@@ -312,7 +380,8 @@ class RecClient:
 
     Args:
         url: ``HOST:PORT`` of the server; ``None`` means 127.0.0.1 on Triton's default port for
-            the protocol (gRPC 8001, HTTP 8000).
+            the protocol (gRPC 8001, HTTP 8000). Several, separated by commas, are replicas: calls go round robin,
+            and one that is down or shedding is skipped for a second (`_Replicas`).
         protocol: ``"grpc"`` or ``"http"``.
         timeout: seconds one call may take before :class:`ServerError` is raised.
         k_max: the most items one response carries; ``None`` reads it from the ``retrieval`` model's
@@ -362,7 +431,12 @@ class RecClient:
         self._cache: dict[tuple, tuple[float, Recommendation]] = {}
         self.cache_hits = self.cache_misses = 0
         self._options_served: bool | None = None
-        self._transport = _Transport(protocol, self.url, self.timeout)
+        urls = [u.strip().removeprefix("http://") if protocol == "http" else u.strip()
+                for u in self.url.split(",") if u.strip()] if isinstance(self.url, str) else []
+        if not urls:
+            raise ClientError(f"url={url!r}: give HOST:PORT, or several separated by commas (replicas)")
+        self._transport = _Transport(protocol, urls[0], self.timeout) if len(urls) == 1 else \
+            _Replicas(protocol, urls, self.timeout)
         from recserve.events import EventLog
 
         self.events = EventLog(event_log) if event_log is not None else None
