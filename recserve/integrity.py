@@ -18,7 +18,8 @@ from recserve.errors import ServerError
 
 PACKAGE = Path(__file__).resolve().parent
 # The code a served model runs: the steps and what they import (a unit test checks that this is the closure).
-SERVED_CODE = ("__init__.py", "coldstart.py", "errors.py", "integrity.py", "ranking.py", "rules.py", "sources.py",
+SERVED_CODE = ("__init__.py", "coldstart.py", "drift.py", "errors.py", "integrity.py", "ranking.py", "rules.py",
+               "sources.py",
                "serving/__init__.py",
                "serving/spec.py", "serving/local.py", "serving/steps")
 FIX = "rebuild it with `recserve export repository`, or pass --no-verify (development only)"

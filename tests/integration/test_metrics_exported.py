@@ -109,3 +109,48 @@ def test_recserves_own_families_are_all_listed(metrics_text):
 def test_failures_carry_the_reason_label_the_dashboard_groups_by(metrics_text):
     assert re.search(r'^nv_inference_request_failure\{model="recommend",reason="\w+",version="1"\}', metrics_text,
                      re.M), "Triton's failure counter has no reason label"
+
+
+def _drift(metrics_url: str) -> dict[tuple[str, str], float]:
+    """{(signal, model_instance): PSI} of every recserve_drift_psi series."""
+    text = requests.get(metrics_url, timeout=5).text
+    out = {}
+    for labels, value in re.findall(r"^recserve_drift_psi\{([^}]*)\} (\S+)$", text, re.M):
+        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out[(d["signal"], d["model_instance"])] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh(served, tmp_path_factory):
+    """A server of this test's own: the session's has served other tests' skewed traffic."""
+    from recserve.server import TritonServer, free_port
+
+    with TritonServer(served.repository, free_port(), free_port(), free_port(),
+                      log_file=tmp_path_factory.mktemp("drift") / "triton.log") as server:
+        yield server
+
+
+def _send(server, users, then_wait: bool = True) -> None:
+    with RecClient(server.url("grpc")) as client:
+        for user in users:
+            client.recommend(int(user), k=5)
+        if then_wait:                      # the gauges are set at most once a second, on a request
+            time.sleep(1.1)
+            for user in users[:20]:
+                client.recommend(int(user), k=5)
+
+
+def test_drift_gauges_stay_low_on_the_known_users_and_rise_when_one_user_floods_the_server(fresh, served):
+    metrics = fresh.url("metrics")
+    before = _drift(metrics)
+    assert {s for s, _ in before} == {"score", "query_norm"} and set(before.values()) == {0.0}
+    users = np.load(served.repository / "retrieval" / "1" / "users.npz")["user_ids"]
+    _send(fresh, np.tile(users, 4))
+    calm = _drift(metrics)
+    assert max(calm.values()) < 0.1, calm
+    _send(fresh, np.full(2500, users[7]))
+    flooded = _drift(metrics)
+    assert max(v for (s, _), v in flooded.items() if s == "score") > 0.25, flooded
+    assert max(v for (s, _), v in flooded.items() if s == "query_norm") > 0.25, flooded
+    print(f"[drift] known users: {calm}; one user 2,500 times: {flooded}")

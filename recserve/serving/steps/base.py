@@ -71,6 +71,7 @@ class BatchedModel:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         self.model_name = config["name"]
+        self.instance = args.get("model_instance_name", self.model_name)
         self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.repository = Path(args["model_repository"])
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}

@@ -9,14 +9,19 @@ each answer's `source` and each fallback are counted in Triton's metrics (port 8
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
+from recserve.drift import Drift
 from recserve.serving import spec
 from recserve.serving.local import OPTIONS_KEY, LocalPipeline
 from recserve.serving.steps.base import BatchedModel, log
 from recserve.serving.steps.retrieval import check_item_tower, check_request
+
+DRIFT_USERS = 256      # known users whose signals are the drift reference, computed at load
+DRIFT_EVERY_S = 1.0
 
 
 class TritonPythonModel(BatchedModel):
@@ -24,6 +29,7 @@ class TritonPythonModel(BatchedModel):
 
     def load(self, version_dir: Path, params: dict[str, str]) -> None:
         root = self.repository.parent
+        self.version = version_dir.name
         self.pipeline = LocalPipeline(root, threads=int(params.get("threads", "1")),
                                       ranker_timeout=float(params.get("ranker_timeout_ms", "250")) / 1000,
                                       version=int(version_dir.name))
@@ -42,6 +48,7 @@ class TritonPythonModel(BatchedModel):
             log.warning("recommend: custom metrics are not available in this python backend")
         self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
         self._warm_up()
+        self._drift_reference()
         log.warning("recommend: retrieval and ranker in one process over %s, version %s", root, version_dir.name)
 
     def _warm_up(self, users: int = 8) -> None:
@@ -52,6 +59,58 @@ class TritonPythonModel(BatchedModel):
             request = {"user_id": rows, "k": np.full((len(rows), 1), min(10, self.pipeline.k_max), np.int32)}
             self.validate(request)
             self.pipeline.serve([request])
+
+    def _drift_reference(self, users: int = DRIFT_USERS) -> None:
+        """The drift signals of a fixed sample of known users (recserve/drift.py), then their served PSI gauges."""
+        known = self.pipeline.retriever.user_ids
+        pick = np.unique(np.linspace(0, len(known) - 1, min(users, len(known))).astype(np.int64))
+        seen: dict[str, list[np.ndarray]] = {"score": [], "query_norm": []}
+        for part in np.array_split(pick, max(1, len(pick) // 64)):
+            request = {"user_id": known[part].reshape(-1, 1).astype(np.int64), "k": np.ones((len(part), 1), np.int32)}
+            self.validate(request)
+            for name, values in self._signals([request], self.pipeline.serve([request])).items():
+                seen[name].append(values)
+        self.drift = {name: Drift(np.concatenate(v)) for name, v in seen.items()}
+        self._drift_gauges = {}
+        try:
+            family = self.pb.MetricFamily(name="recserve_drift_psi", kind=self.pb.MetricFamily.GAUGE,
+                                          description="population stability index of served rows against the "
+                                                      "load-time reference, by signal (score, query_norm)")
+            labels = {"version": self.version, "model_instance": self.instance}   # "instance" is the scrape's
+            self._drift_family = family          # a family must outlive its metrics (the backend says so)
+            self._drift_gauges = {name: family.Metric(labels={"signal": name, **labels}) for name in self.drift}
+            for gauge in self._drift_gauges.values():
+                gauge.set(0.0)
+        except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
+            log.warning("recommend: no drift gauges: custom metrics are not available in this python backend")
+        self._drift_at, self._drift_failed = time.monotonic(), False
+
+    def _signals(self, batches: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+        """Per personalized row that is not the supervisor's canary: the best item's score and the norm of the
+        retrieval query (the retrieval step's, for the known rows of this call, in order)."""
+        idx = np.concatenate([b["user_idx"].reshape(-1) for b in batches])
+        canary = np.concatenate([(b["exclude"] < 0).any(axis=1) if "exclude" in b else np.zeros(len(b["user_id"]), bool)
+                                 for b in batches])
+        personal = np.concatenate([o["source"].reshape(-1) == b"personalized" for o in outputs])
+        top = np.concatenate([o["scores"][:, 0] for o in outputs])
+        known = np.flatnonzero(idx >= 0)
+        keep = personal[known] & ~canary[known] & (top[known] > -1e30)    # a row with no item has no score
+        norms = getattr(self.pipeline.retriever, "last_query_norms", None)
+        out = {"score": top[known][keep]}
+        if norms is not None and len(norms) == len(known):
+            out["query_norm"] = norms[keep]
+        return out
+
+    def _observe(self, batches: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> None:
+        if not self.drift:
+            return
+        for name, values in self._signals(batches, outputs).items():
+            self.drift[name].observe(values)
+        if time.monotonic() - self._drift_at >= DRIFT_EVERY_S:       # a PSI per second is plenty for Prometheus
+            self._drift_at = time.monotonic()
+            for name, gauge in self._drift_gauges.items():
+                gauge.set(self.drift[name].value())
 
     def _count(self, family: str, label: str, value: str) -> None:
         if family not in self._families:
@@ -67,6 +126,12 @@ class TritonPythonModel(BatchedModel):
 
     def _run(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         outputs = self.pipeline.serve(batches)
+        try:
+            self._observe(batches, outputs)
+        except Exception:  # noqa: BLE001 - monitoring never fails a request
+            if not self._drift_failed:
+                log.exception("recommend: drift monitoring failed; it is off for this instance")
+            self._drift_failed, self.drift = True, {}
         for out in outputs:
             for s in out["source"].reshape(-1):
                 self._count("responses", "source", s.decode())

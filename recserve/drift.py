@@ -1,0 +1,56 @@
+"""Input drift of the served path: the population stability index of what `recommend` sees, against a reference.
+
+Two signals, per personalized row: `score`, the best item's ranker score, and `query_norm`, the norm of the
+user's retrieval query (the blend vector: towers, ALS, popularity; the tower's own vector is unit length).
+The reference is what the same instance computes for a fixed sample of known users when it loads (the users
+and interactions it was exported with). Its deciles are the bins. Served rows are counted with exponential
+forgetting (a window of about `window` rows), and
+
+    PSI = sum over bins (p - q) * ln(p / q),   p served share, q reference share (both floored at 1e-4)
+
+is exported as the gauge `recserve_drift_psi{signal=...}` (recserve/serving/steps/fused.py). The usual reading:
+below 0.1 stable, 0.1-0.25 a shift worth a look, above 0.25 a different population
+(deploy/prometheus/recserve-rules.yml alerts above 0.25 for 15 minutes). numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOOR = 1e-4
+
+
+def psi(served: np.ndarray, reference: np.ndarray) -> float:
+    """PSI between two histograms (counts or shares) over the same bins."""
+    p = np.maximum(np.asarray(served, np.float64) / max(float(np.sum(served)), 1e-12), FLOOR)
+    q = np.maximum(np.asarray(reference, np.float64) / max(float(np.sum(reference)), 1e-12), FLOOR)
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+class Drift:
+    """One signal: deciles of a reference sample as bins, and a forgetting histogram of served values."""
+
+    def __init__(self, reference: np.ndarray, bins: int = 10, window: int = 1000):
+        reference = np.asarray(reference, np.float64)
+        reference = reference[np.isfinite(reference)]
+        if len(reference) < bins:
+            raise ValueError(f"a drift reference needs at least {bins} finite values, got {len(reference)}")
+        self.edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+        self.reference = np.bincount(np.searchsorted(self.edges, reference, side="right"),
+                                     minlength=len(self.edges) + 1).astype(np.float64)
+        self.window = float(window)
+        self.counts = np.zeros_like(self.reference)
+        self.seen = 0
+
+    def observe(self, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64).reshape(-1)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return
+        self.counts *= np.exp(-len(values) / self.window)
+        self.counts += np.bincount(np.searchsorted(self.edges, values, side="right"), minlength=len(self.counts))
+        self.seen += len(values)
+
+    def value(self) -> float:
+        """The PSI of the served window against the reference; 0 before anything was served."""
+        return psi(self.counts, self.reference) if self.seen else 0.0
