@@ -4,6 +4,7 @@
     recserve export onnx|repository                    recserve serve
     recserve recommend             recserve demo       recserve bench
     recserve deploy                recserve rollback   recserve ab start|stop|report
+    recserve update
 """
 
 from __future__ import annotations
@@ -338,6 +339,22 @@ def rollback(
 
     m = run_rollback(repository, to)
     typer.echo(f"{repository}: version {m['model_version']} is live again (was {m['previous_version']})")
+
+
+@app.command()
+@clean_errors
+def update(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` wrote (updated in place)."),
+    events: Path = typer.Option(..., "--events", help="The event log RecClient(event_log=...) writes."),
+):
+    """Fold the event log's new clicks into the artifacts' histories, seen lists and popularity, without
+    retraining; `recserve deploy --artifacts A` then serves them."""
+    from recserve.update import update as run_update
+
+    c = run_update(artifacts, events)
+    typer.echo(f"{artifacts}: folded {c['folded']:,} of {c['clicks']:,} clicks ({c['users']:,} users); skipped "
+               f"{c['already_folded']:,} already folded, {c['unknown_user']:,} of unknown users, {c['unknown_item']:,} "
+               f"of unknown items. Serve them: recserve deploy --artifacts {artifacts}")
 
 
 ab_app = typer.Typer(help="A/B splits between two model versions: start, stop, report.", no_args_is_help=True)

@@ -35,8 +35,8 @@ import scipy.sparse as sp
 
 from recserve.ranking import PAD_ID, Seen, candidates, merge_sources, top_positions, unseen_candidates
 
-TRAIN, VALID, TEST = 0, 1, 2     # as recserve.data.dataset (not imported: the served step stays pandas-free)
-VIEWS = {"valid": (TRAIN,), "test": (TRAIN, VALID), "serve": (TRAIN, VALID, TEST)}
+TRAIN, VALID, TEST, UPDATE = 0, 1, 2, 3   # as recserve.data.dataset (not imported: the served step stays pandas-free)
+VIEWS = {"valid": (TRAIN,), "test": (TRAIN, VALID), "serve": (TRAIN, VALID, TEST, UPDATE)}
 TERMS = ("two_tower", "als", "popularity", "neighbours")          # the blend's terms, in this order
 SRC_FEATURES = ("blend", "als", "neighbours")                    # the ranker's `cand_src` columns
 NEIGHBOURS = 100         # successors kept per item in the neighbour table

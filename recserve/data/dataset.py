@@ -17,6 +17,7 @@ from recserve.data.raw import RawData
 from recserve.errors import ArtifactError, DataError
 
 TRAIN, VALID, TEST = 0, 1, 2
+UPDATE = 3      # interactions folded in by `recserve update` after training: only the serve view knows them
 YEAR_MIN, N_YEAR_BUCKETS = 1900, 32  # 5-year buckets from 1900; bucket 0 means "unknown"
 HISTORY_LEN = 20
 

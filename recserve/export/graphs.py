@@ -166,7 +166,7 @@ def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_ma
     return _wrap(inner, inputs, outputs, prelude, epilogue, tables, "scores")
 
 
-VIEWS = {"serve": (0, 1, 2), "test": (0, 1), "valid": (0,)}   # TRAIN, VALID, TEST splits each view knows
+VIEWS = {"serve": (0, 1, 2, 3), "test": (0, 1), "valid": (0,)}   # TRAIN, VALID, TEST (UPDATE) splits each view knows
 
 
 def serving_tables(artifacts: Path, view: str = "serve") -> ServingTables:
