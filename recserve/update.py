@@ -24,6 +24,7 @@ from recserve.errors import ArtifactError
 
 def update(artifacts: Path, events: Path) -> dict:
     """Fold the log's new clicks into ARTIFACTS (dataset.npz and the serve view of sources.npz); returns counts."""
+    from recserve.baselines import interactions
     from recserve.data.dataset import UPDATE, Dataset
     from recserve.events import read_events
     from recserve.sources import RECENT, VIEWS, read_view, save_sources
@@ -73,7 +74,8 @@ def update(artifacts: Path, events: Path) -> dict:
     # files is repaired by running `update` again
     views = {name: read_view(artifacts / "sources.npz", name) for name in VIEWS}
     serve = views["serve"]
-    serve.pop = ds.item_popularity(*VIEWS["serve"])
+    X = interactions(ds, *VIEWS["serve"])                # as `recserve.sources.fit_view` counts them
+    serve.pop = np.log1p(np.asarray(X.sum(axis=0)).ravel()).astype(np.float32)
     serve.recent = ds.last_history(*VIEWS["serve"], length=RECENT)
     serve.__dict__.pop("pop_order", None)               # a cached order of the old popularity
     tmp = artifacts / ".sources.update.npz"
