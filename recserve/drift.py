@@ -8,7 +8,8 @@ forgetting (a window of about `window` rows), and
 
     PSI = sum over bins (p - q) * ln(p / q),   p served share, q reference share (both floored at 1e-4)
 
-is exported as the gauge `recserve_drift_psi{signal=...}` (recserve/serving/steps/fused.py). The usual reading:
+is exported as the gauge `recserve_drift_psi{signal=...}` (recserve/serving/steps/fused.py), NaN until the
+window holds `MIN_ROWS` rows (an idle replica never alarms). The usual reading:
 below 0.1 stable, 0.1-0.25 a shift worth a look, above 0.25 a different population
 (deploy/prometheus/recserve-rules.yml alerts above 0.25 for 15 minutes). numpy only.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 FLOOR = 1e-4
+MIN_ROWS = 200     # the least (forgetting-weighted) rows a PSI is reported for
 
 
 def psi(served: np.ndarray, reference: np.ndarray) -> float:
@@ -52,5 +54,6 @@ class Drift:
         self.seen += len(values)
 
     def value(self) -> float:
-        """The PSI of the served window against the reference; 0 before anything was served."""
-        return psi(self.counts, self.reference) if self.seen else 0.0
+        """The PSI of the served window against the reference; NaN while the window holds fewer than
+        `MIN_ROWS` rows (a handful of requests says nothing about a population, and would alarm)."""
+        return psi(self.counts, self.reference) if self.counts.sum() >= MIN_ROWS else float("nan")

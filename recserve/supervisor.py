@@ -273,8 +273,11 @@ class Supervisor:
         t0, record = time.monotonic(), {"from": self.version, "to": version, "seconds": None, "ok": False}
         state = self._live()
         self.swaps.append(record)
-        log.warning("supervisor: the repository's live version is now %s (was %s); loading it", version,
-                    self.version)
+        if version != self.version:
+            log.warning("supervisor: the repository's live version is now %s (was %s); loading it", version,
+                        self.version)
+        else:
+            log.warning("supervisor: the repository's A/B split changed (version %s stays live); loading it", version)
         try:
             verify_repository(self.repository)
         except RecserveError as exc:

@@ -80,7 +80,7 @@ class TritonPythonModel(BatchedModel):
             self._drift_family = family          # a family must outlive its metrics (the backend says so)
             self._drift_gauges = {name: family.Metric(labels={"signal": name, **labels}) for name in self.drift}
             for gauge in self._drift_gauges.values():
-                gauge.set(0.0)
+                gauge.set(float("nan"))       # until enough rows were served (recserve.drift.MIN_ROWS)
         except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
             log.warning("recommend: no drift gauges: custom metrics are not available in this python backend")
         self._drift_at, self._drift_failed = time.monotonic(), False
