@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from recserve.errors import RecserveError
+from recserve.errors import ArtifactError, RecserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieve-then-rank recommendations, from interaction logs to NVIDIA Triton serving.")
@@ -94,12 +94,16 @@ def train(
     promote_student: bool = typer.Option(False, "--promote-student",
                                          help="With --distill: ship the student (ranker.pt) if it passes its gate."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    resume: Path | None = typer.Option(None, "--resume", help="Artifacts of an earlier run: the towers start from "
+                                       "its weights (ids carried over by raw id) and keep its settings."),
 ):
     """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
     from recserve.train import TrainConfig, search_budget, train_all
 
+    if resume is not None and not (resume / "two_tower.pt").is_file():
+        raise ArtifactError(f"--resume {resume}: no two_tower.pt there; give the --out of an earlier `recserve train`")
     cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs,
-                      **search_budget(budget_minutes))
+                      resume=str(resume.resolve()) if resume else "", **search_budget(budget_minutes))
     train_all(load_data(data), out, cfg, progress=not quiet)
     if distill:
         from recserve.distill import distill as run_distill

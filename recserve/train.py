@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from recserve import checkpoint
 from recserve.data.dataset import TRAIN, VALID, Dataset, build_dataset
+from recserve.errors import ArtifactError
 from recserve.evaluate import Evaluator
 from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
 from recserve.ranking import candidates
@@ -66,6 +67,7 @@ class TrainConfig:
     baselines_budget: float = 60.0   # seconds to tune EASE, item-kNN and ALS on validation (0: default settings)
     blend_budget: float = 20.0       # seconds to choose the blend weights of the candidate sources on validation
     threads: int = 0             # 0: torch's default
+    resume: str = ""             # artifacts whose towers the new ones start from (`recserve train --resume`)
 
 
 def search_budget(minutes: float) -> dict[str, float]:
@@ -162,6 +164,8 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
     genres, years = torch.as_tensor(ds.item_genres), torch.as_tensor(ds.item_year)
     counts = np.bincount(ds.items[rows], minlength=ds.n_items) + 1.0
     log_q = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    if cfg.resume:
+        warm_start(model, Path(cfg.resume) / "two_tower.pt", ds)
     with torch.no_grad():   # an id no training row has would stay random noise: zero (gradients never reach it)
         cold = torch.as_tensor(counts == 1.0)
         model.item_tower.item_emb.weight[cold] = 0.0
@@ -190,11 +194,67 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
     return model
 
 
+def warm_start(model: TwoTower, path: Path, ds: Dataset) -> dict:
+    """Start `model` from an earlier checkpoint of the towers (`recserve train --resume`): the rows of every id
+    embedding are carried over by raw id (users, items, attribute values, genres), every other weight whose shape
+    is unchanged as it is; a user, item or value the old checkpoint never saw keeps its fresh initialisation."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("kind") != "two_tower":
+        raise ArtifactError(f"{path} is not a two-tower checkpoint: --resume takes what `recserve train` wrote")
+    old, vocab, new = ckpt["state_dict"], ckpt["vocab"], model.state_dict()
+
+    def rows(old_values, new_values) -> tuple[np.ndarray, np.ndarray]:
+        where = {v: i for i, v in enumerate(old_values)}
+        pairs = [(i, where[v]) for i, v in enumerate(new_values) if v in where]
+        return (np.array([a for a, _ in pairs], np.int64), np.array([b for _, b in pairs], np.int64))
+
+    users = rows(vocab["user_ids"], ds.user_ids.tolist())
+    items = rows(vocab["item_ids"], ds.item_ids.tolist())
+    keyed = {"user_tower.user_emb.weight": users, "item_tower.item_emb.weight": items,
+             "user_tower.hist_emb.weight": items}
+    for j, name in enumerate(ds.user_cat_names):
+        if name in vocab["user_attributes"]:
+            keyed[f"user_tower.cat_embs.{j}.weight"] = rows(vocab["user_attributes"][name], ds.user_cat_vocab[name])
+    copied, fresh = [], []
+    with torch.no_grad():
+        for key, tensor in new.items():
+            if key not in old:
+                fresh.append(key)
+            elif key in keyed:
+                dst, src = keyed[key]
+                tensor[torch.as_tensor(dst)] = old[key][torch.as_tensor(src)]
+                if key == "user_tower.hist_emb.weight":
+                    tensor[-1] = old[key][-1]            # the padding row
+                copied.append(key)
+            elif key == "item_tower.genre_proj.weight":
+                dst, src = rows(vocab["genres"], list(ds.genre_names))
+                tensor[:, torch.as_tensor(dst)] = old[key][:, torch.as_tensor(src)]
+                copied.append(key)
+            elif old[key].shape == tensor.shape:
+                tensor.copy_(old[key])
+                copied.append(key)
+            else:
+                fresh.append(key)
+    model.load_state_dict(new)
+    report = {"users_carried": int(len(users[0])), "users": ds.n_users, "items_carried": int(len(items[0])),
+              "items": ds.n_items, "tensors_carried": len(copied), "tensors_fresh": fresh}
+    _log(f"  two_tower: resumed from {path}: {report['users_carried']:,} of {ds.n_users:,} users and "
+         f"{report['items_carried']:,} of {ds.n_items:,} items carried over"
+         + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    return report
+
+
 def best_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True) -> tuple[TwoTower, dict]:
     """The towers trained once per `id_dropout_grid` value; the best by validation recall@50 is kept (dropping
-    ids teaches the item tower to place items by content, which helped on ML-100K and may not elsewhere)."""
+    ids teaches the item tower to place items by content, which helped on ML-100K and may not elsewhere).
+    Resumed (`cfg.resume`), the earlier run's choice is kept and the towers train once, from its weights."""
     best, tried = None, []
-    for p in cfg.id_dropout_grid or (cfg.id_dropout,):
+    grid = cfg.id_dropout_grid or (cfg.id_dropout,)
+    if cfg.resume:
+        earlier = Path(cfg.resume) / "train.json"
+        chosen = json.loads(earlier.read_text()).get("two_tower", {}).get("id_dropout") if earlier.exists() else None
+        grid = (float(chosen),) if chosen is not None else grid
+    for p in grid:
         model = train_two_tower(ds, replace(cfg, id_dropout=float(p)), ev, progress)
         score = ev.two_tower(model)["recall@50"]
         tried.append({"id_dropout": float(p), "valid_recall@50": score})
