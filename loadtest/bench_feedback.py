@@ -43,11 +43,13 @@ def cut(src: Path, dst: Path, until: int) -> None:
                 fout.write(line)
 
 
-def score(repository: Path, future: dict[int, set[int]], feedback: dict[int, set[int]], k: int = 10) -> dict:
+def score(repository: Path, future: dict[int, set[int]], feedback: dict[int, set[int]], k: int = 10,
+          only: set[int] | None = None) -> dict:
+    """Scored on every future user the repository knows, or on `only` (users every compared model knows)."""
     from recserve.serving.local import LocalPipeline
 
     pipe = LocalPipeline(repository, threads=2)
-    known = set(int(u) for u in pipe.retriever.user_ids)
+    known = set(int(u) for u in pipe.retriever.user_ids) if only is None else only
     users = np.array(sorted(u for u in future if u in known), np.int64)
     recs = pipe.recommend(users, k, np.zeros(len(users)), np.zeros(len(users)))
     recall, ndcg, wasted = [], [], []
@@ -96,6 +98,7 @@ def main() -> None:
 
     fb = rows[(rows[:, 3] >= t1) & (rows[:, 3] < t2)]
     fut = rows[rows[:, 3] >= t2]
+    (work / "events.jsonl").unlink(missing_ok=True)          # EventLog appends
     log = EventLog(work / "events.jsonl")
     for n, (u, i, _, ts) in enumerate(fb):
         log.write({"type": "click", "request_id": f"replay{n}", "user": int(u), "item": int(i), "ts": int(ts)})
@@ -126,10 +129,13 @@ def main() -> None:
             export_onnx(arts)
             out[f"{name}_train_s"] = round(time.monotonic() - t0, 1)
             models.append((name, arts))
+    common = {int(u) for u in np.load(stale / "dataset.npz")["user_ids"]}     # the users the stale model knows
     for name, arts in models:
         repo = work / f"repo_{name}"
         write_repository(arts, repo, RepoOptions(index=IndexSpec("flat")))
-        out[name] = score(repo, future, feedback)
+        out[name] = score(repo, future, feedback, only=common)
+        if name in ("resumed", "retrained"):
+            out[f"{name}_all_known"] = score(repo, future, feedback)
     out["ndcg_ratio"] = out["updated"]["ndcg@10"] / out["stale"]["ndcg@10"]
     print(f"past {out['past']:,} ratings (before T1), feedback {out['feedback']:,} [T1, T2), future {out['future']:,}"
           f" (from T2); trained in {out['train_s']} s; update folded {folded['folded']:,} clicks of {folded['users']}"
@@ -140,6 +146,9 @@ def main() -> None:
         r = out[name]
         print(f"{name:<8} {r['users']:>6}  {r['recall@10']:.4f}     {r['ndcg@10']:.4f}   "
               f"{r['already_rated_share']:.4f}")
+    for name, _ in models[2:]:
+        r = out[f"{name}_all_known"]
+        print(f"{name:<8} {r['users']:>6}  {r['recall@10']:.4f}     {r['ndcg@10']:.4f}   (every future user it knows)")
     print(f"updated / stale ndcg@10: {out['ndcg_ratio']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

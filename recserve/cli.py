@@ -357,8 +357,9 @@ def update(
 
     c = run_update(artifacts, events)
     typer.echo(f"{artifacts}: folded {c['folded']:,} of {c['clicks']:,} clicks ({c['users']:,} users); skipped "
-               f"{c['already_folded']:,} already folded, {c['unknown_user']:,} of unknown users, {c['unknown_item']:,} "
-               f"of unknown items. Serve them: recserve deploy --artifacts {artifacts}")
+               f"{c['already_folded']:,} already folded, {c['duplicate']:,} duplicates, {c['unknown_user']:,} of "
+               f"unknown users, {c['unknown_item']:,} of unknown items. Serve them: recserve deploy --artifacts "
+               f"{artifacts}")
 
 
 ab_app = typer.Typer(help="A/B splits between two model versions: start, stop, report.", no_args_is_help=True)

@@ -36,8 +36,9 @@ def update(artifacts: Path, events: Path) -> dict:
     folded_until = float(ds.extra.get("folded_until", float("-inf")))
     user_pos = {int(u): i for i, u in enumerate(ds.user_ids)}
     item_pos = {int(u): i for i, u in enumerate(ds.item_ids)}
-    counts = {"clicks": 0, "already_folded": 0, "unknown_user": 0, "unknown_item": 0, "folded": 0}
+    counts = {"clicks": 0, "already_folded": 0, "duplicate": 0, "unknown_user": 0, "unknown_item": 0, "folded": 0}
     rows: list[tuple[int, int, int]] = []
+    taken: set[tuple[int, int, int]] = set()
     newest = folded_until
     for e in read_events(events):
         if e["type"] != "click":
@@ -54,6 +55,10 @@ def update(artifacts: Path, events: Path) -> dict:
         if i is None:
             counts["unknown_item"] += 1
             continue
+        if (u, i, int(ts)) in taken:
+            counts["duplicate"] += 1             # the same click logged twice (a replayed or copied log)
+            continue
+        taken.add((u, i, int(ts)))
         rows.append((u, i, int(ts)))
         newest = max(newest, ts)
     counts["folded"] = len(rows)

@@ -36,12 +36,15 @@ def test_clicks_become_the_users_newest_items_and_seen_in_the_serve_view_only(co
     now = int(ds.timestamps.max()) + 3600
     log.write({"type": "click", "request_id": "r1", "user": int(ds.user_ids[user]), "item": int(ds.item_ids[item]),
                "ts": now})
+    log.write({"type": "click", "request_id": "r1", "user": int(ds.user_ids[user]), "item": int(ds.item_ids[item]),
+               "ts": now})                                                    # the same click, logged twice
     log.write({"type": "click", "request_id": "r2", "user": 10 ** 12, "item": int(ds.item_ids[0]), "ts": now})
     log.write({"type": "click", "request_id": "r3", "user": int(ds.user_ids[0]), "item": 10 ** 12, "ts": now})
     log.write({"type": "impression", "request_id": "r1", "user": int(ds.user_ids[user]), "items": [1], "ts": now})
     log.close()
     counts = update(copy, tmp_path / "events.jsonl")
-    assert counts == {"clicks": 3, "already_folded": 0, "unknown_user": 1, "unknown_item": 1, "folded": 1, "users": 1}
+    assert counts == {"clicks": 4, "already_folded": 0, "duplicate": 1, "unknown_user": 1, "unknown_item": 1,
+                      "folded": 1, "users": 1}
 
     after = Dataset.load(copy / "dataset.npz")
     assert len(after.users) == len(ds.users) + 1 and int((after.split == UPDATE).sum()) == 1
@@ -60,5 +63,5 @@ def test_clicks_become_the_users_newest_items_and_seen_in_the_serve_view_only(co
     assert serve_pop[item] > serve_pop_before[item] and np.delete(serve_pop == serve_pop_before, item).all()
 
     again = update(copy, tmp_path / "events.jsonl")
-    assert again["folded"] == 0 and again["already_folded"] == 3
+    assert again["folded"] == 0 and again["already_folded"] == 4
     assert len(Dataset.load(copy / "dataset.npz").users) == len(after.users)
