@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def repository_hashes(root: Path) -> dict[str, str]:
     """{path inside the repository: sha256} of every file but the manifest (and Python's byte-code caches, which
     `verify_repository` removes)."""
     root = Path(root)
-    return {str(p.relative_to(root)): sha256_of(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.relative_to(root).parts}
+    files = []
+    # os.walk, not rglob: another server verifying the same repository may remove a __pycache__ meanwhile
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        files += [Path(folder) / n for n in names if not (folder == str(root) and n == "manifest.json")]
+    return {str(p.relative_to(root)): sha256_of(p) for p in sorted(files) if p.is_file()}
 
 
 def verify_repository(repository: Path) -> dict:
@@ -66,7 +71,8 @@ def verify_repository(repository: Path) -> dict:
         files, code = dict(manifest["sha256"]), dict(manifest["code_sha256"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ServerError(f"{path} is not a recserve manifest with file and code hashes ({exc}): {FIX}") from None
-    for cache in list(repository.rglob("__pycache__")):
+    caches = [Path(folder) / "__pycache__" for folder, dirs, _ in os.walk(repository) if "__pycache__" in dirs]
+    for cache in caches:
         shutil.rmtree(cache, ignore_errors=True)
     found = repository_hashes(repository)
     for name, want in files.items():

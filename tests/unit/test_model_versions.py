@@ -119,3 +119,26 @@ def test_an_ab_split_lists_both_versions_in_recommends_config_and_stop_restores_
     assert "ab" not in verify_repository(repository)
     with pytest.raises(ArtifactError, match="no A/B split"):
         ab.stop(repository)
+
+
+def test_verifying_survives_another_server_removing_byte_code_caches_meanwhile(repository):
+    import shutil
+    import threading
+
+    stop = threading.Event()
+
+    def churn() -> None:      # what a second `recserve serve` verifying the same repository does
+        cache = live_dir(repository, "retrieval") / "__pycache__"
+        while not stop.is_set():
+            cache.mkdir(exist_ok=True)
+            (cache / "model.cpython-311.pyc").write_bytes(b"x")
+            shutil.rmtree(cache, ignore_errors=True)
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    try:
+        for _ in range(30):
+            verify_repository(repository)
+    finally:
+        stop.set()
+        t.join(5)
