@@ -194,6 +194,14 @@ def test_services_pdb_and_hpa_select_the_deployment():
     assert hpa["spec"]["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
     (cpu,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
     assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
+    (queue,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    yaml = pytest.importorskip("yaml", reason="pyyaml is not installed: pip install pyyaml")
+    adapter = yaml.safe_load((DEPLOY / "prometheus" / "adapter-rules.yaml").read_text())
+    (rule,) = adapter["rules"]
+    assert queue["pods"]["metric"]["name"] == rule["name"]["as"], "the HPA scales on the adapter's metric"
+    query = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", 'pod="x"')
+    used = metric_names(query) | metric_names(rule["seriesQuery"])
+    assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"} and all(known(n) for n in used)
 
 
 def test_the_service_monitor_selects_one_service_and_its_metrics_port():
