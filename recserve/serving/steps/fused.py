@@ -123,8 +123,9 @@ class TritonPythonModel(BatchedModel):
                 gauge.set(self.drift[name].value())
 
     def _count(self, family: str, label: str, value: str) -> None:
-        """Counted here, handed to Triton at most every `FLUSH_S` (each call of the backend's metrics API is a
-        round trip to the server process: one per answer cost 0.15 ms at concurrency 1)."""
+        """Counted here, handed to Triton at most every `FLUSH_S`: each call of the backend's metrics API is a
+        round trip to the server process (with one per answer, p50 at concurrency 1 was 6.7% above the same
+        server without custom metrics in one run of loadtest/bench_metrics_cost.py)."""
         if family not in self._families:
             return
         key = (family, value)
