@@ -5,7 +5,9 @@
 (`"ab"`). The front door (recserve/serving/frontdoor.lua) then sends a request that names no version to
 arm b's version when `crc32(salt:user_id) % 10000 < share * 10000`, else to arm a's (the live one): a user
 always sees the same arm, and a new salt reshuffles users. Each answer names its arm (the `recserve-arm` header)
-and its version (`model_version`). gRPC requests are not split (a client picks a version there, by `arm`).
+and its version (`model_version`). The front door cannot read gRPC bodies: over gRPC, `RecClient` reads the
+split from `recommend`'s config (parameter `recserve_ab`, looked at every 10 s) and asks for its arm's version
+itself; another gRPC client that names no version gets the newest loaded one.
 `recserve ab stop`, a deploy or a rollback end the split.
 
 `recserve ab report --events LOG` reads the event log the client writes (`recserve.events`) and compares the
@@ -16,6 +18,7 @@ z-test, and clicks weighted by position (a DCG-style reward: a click at rank r c
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 import zlib
@@ -54,12 +57,14 @@ def start(repository: Path, b: int, share: float, salt: str | None = None) -> di
         raise ArtifactError(f"versions {a} and {b} of {MODEL} differ in their config (inputs, outputs, batching or "
                             "parameters): one config serves both arms, so they must agree; export both alike")
     cfg_a.version_policy.specific.versions.extend(sorted({a, b}))
+    split = {"model": MODEL, "a": a, "b": int(b), "share": float(share), "salt": salt or secrets.token_hex(4)}
+    # clients read it from the config (`RecClient` over gRPC, which the front door cannot split)
+    cfg_a.parameters["recserve_ab"].string_value = json.dumps(split, sort_keys=True)
     text = render_proto(cfg_a)
     tmp = repository / MODEL / ".config.pbtxt.new"
     tmp.write_text(text)
     _replace_file(tmp, repository / MODEL / "config.pbtxt")
     tmp.unlink()
-    split = {"model": MODEL, "a": a, "b": int(b), "share": float(share), "salt": salt or secrets.token_hex(4)}
     hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": hashlib.sha256(text.encode()).hexdigest()}
     _write_manifest(repository, {**{k: v for k, v in manifest.items() if k != "sha256"}, "ab": split}, hashes)
     return split

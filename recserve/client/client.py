@@ -104,6 +104,7 @@ class Overloaded(ServerError):
 # Retries of a shed request: full-jitter exponential backoff from 10 ms, capped at 200 ms a pause, within the
 # call's timeout.
 RETRY_BASE_S, RETRY_CAP_S = 0.01, 0.2
+AB_REFRESH_S = 10.0     # how often the client looks again at recommend's config for an A/B split
 _SHED_WORDS = ("queue", "overloaded", "too many requests", "retry shortly")
 
 
@@ -188,8 +189,9 @@ class _Transport:
     def _timeout_kwargs(self) -> dict[str, float]:
         return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
-        """One inference call; the arrays keep their dtypes (BOOL, INT64, FP32, BYTES)."""
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str],
+              version: str = "") -> dict[str, np.ndarray]:
+        """One inference call (of `version`, or the one the server picks); the arrays keep their dtypes."""
         from tritonclient.utils import np_to_triton_dtype
 
         names = list(outputs)
@@ -203,7 +205,8 @@ class _Transport:
                         infer_input.set_data_from_numpy(array)
                         requests.append(infer_input)
                     wanted = [self._module.InferRequestedOutput(name) for name in names]
-                    result = self._client.infer(model, requests, outputs=wanted, **self._timeout_kwargs())
+                    result = self._client.infer(model, requests, model_version=version, outputs=wanted,
+                                                **self._timeout_kwargs())
                     arrays = {name: result.as_numpy(name) for name in names}
                     response = result.get_response() if hasattr(result, "get_response") else None
                     self.last_version = str(response.get("model_version", "") if isinstance(response, dict)
@@ -282,9 +285,10 @@ class _Replicas:
                 raise ServerError(f"no replica answered within {self.timeout:g} s ({self.where}); the last: {last}")
             time.sleep(pause)
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Iterable[str],
+              version: str = "") -> dict[str, np.ndarray]:
         names = list(outputs)
-        return self._call(lambda r: r.infer(model, inputs, names))
+        return self._call(lambda r: r.infer(model, inputs, names, version))
 
     def model_config(self, model: str) -> dict[str, Any]:
         return self._call(lambda r: r.model_config(model))
@@ -431,6 +435,8 @@ class RecClient:
         self._cache: dict[tuple, tuple[float, Recommendation]] = {}
         self.cache_hits = self.cache_misses = 0
         self._options_served: bool | None = None
+        self._config: tuple[float, dict[str, Any]] | None = None
+        self._ab_aware = True
         urls = [u.strip().removeprefix("http://") if protocol == "http" else u.strip()
                 for u in self.url.split(",") if u.strip()] if isinstance(self.url, str) else []
         if not urls:
@@ -575,7 +581,9 @@ class RecClient:
             }
             if mode == "ensemble":
                 wanted = RESPONSE + (OPTION_RESPONSE if self._has_options() else ())
-                out = self._transport.infer(spec.ENSEMBLE, inputs, wanted)
+                arm_version = self._arm_version(int(user_id))
+                out = self._transport.infer(spec.ENSEMBLE, inputs, wanted,
+                                            **({"version": arm_version} if arm_version else {}))
             else:
                 out = self._pipeline(inputs)
         except ServerError:
@@ -614,9 +622,29 @@ class RecClient:
     def _has_options(self) -> bool:
         """Whether the served `recommend` answers `source` / `propensity` (the embedded flavor; cached)."""
         if self._options_served is None:
-            config = self._transport.model_config(spec.ENSEMBLE)
+            config = self._recommend_config()
             self._options_served = any(o.get("name") == "source" for o in config.get("output", []))
         return self._options_served
+
+    def _recommend_config(self) -> dict[str, Any]:
+        """`recommend`'s config, read again at most every AB_REFRESH_S (an A/B split starts and stops)."""
+        now = time.monotonic()
+        if self._config is None or now - self._config[0] > AB_REFRESH_S:
+            self._config = (now, self._transport.model_config(spec.ENSEMBLE))
+        return self._config[1]
+
+    def _arm_version(self, user_id: int) -> str:
+        """The version of the user's arm while an A/B split runs (`recserve ab start` writes it into recommend's
+        config as `recserve_ab`), so gRPC calls are split as the front door splits HTTP ones; else ""."""
+        if not self._ab_aware:
+            return ""
+        raw = self._recommend_config().get("parameters", {}).get("recserve_ab", {}).get("string_value")
+        if not raw:
+            return ""
+        from recserve.ab import arm
+
+        split = json.loads(raw)
+        return str(split[arm(user_id, float(split["share"]), str(split["salt"]))])
 
     def _from_fallback(self, user_id: int, k: int, mode: str) -> Recommendation:
         items = [RecommendedItem(int(i["item_id"]), float(i["score"]), str(i.get("title", "")))

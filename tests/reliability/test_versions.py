@@ -132,6 +132,8 @@ def test_an_ab_split_sends_each_user_to_the_arm_its_salted_hash_names_and_the_re
             assert rec.version == want[u][1] and rec.request_id
             if ab.arm(u, 0.5, "test") == "b" or u % 3 == 0:
                 client.click(rec, rec.item_ids[0])
+    with RecClient(server.url("grpc")) as client:      # gRPC: the client splits, from recommend's config
+        assert {u: client.recommend(u, k=5).version for u in users} == {u: v for u, (_, v) in want.items()}
     report = ab.report(log)
     shown = {v: sum(1 for _, ver in want.values() if ver == v) for v in ("1", "2")}
     assert {v: a["impressions"] for v, a in report["versions"].items()} == shown
