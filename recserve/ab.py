@@ -25,7 +25,7 @@ import zlib
 from collections import defaultdict
 from pathlib import Path
 
-from recserve.deploy import _replace_file, _verified, _write_manifest
+from recserve.deploy import _replace_file, _verified, _write_manifest, _write_text
 from recserve.errors import ArtifactError
 
 MODEL = "recommend"
@@ -61,12 +61,9 @@ def start(repository: Path, b: int, share: float, salt: str | None = None) -> di
     # clients read it from the config (`RecClient` over gRPC, which the front door cannot split)
     cfg_a.parameters["recserve_ab"].string_value = json.dumps(split, sort_keys=True)
     text = render_proto(cfg_a)
-    tmp = repository / MODEL / ".config.pbtxt.new"
-    tmp.write_text(text)
-    _replace_file(tmp, repository / MODEL / "config.pbtxt")
-    tmp.unlink()
+    _write_text(repository / MODEL / "config.pbtxt", text)
     hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": hashlib.sha256(text.encode()).hexdigest()}
-    _write_manifest(repository, {**{k: v for k, v in manifest.items() if k != "sha256"}, "ab": split}, hashes)
+    _write_manifest(repository, {**manifest, "ab": split}, hashes)
     return split
 
 
@@ -80,7 +77,7 @@ def stop(repository: Path) -> dict:
     _replace_file(repository / MODEL / str(live) / "config.pbtxt", repository / MODEL / "config.pbtxt")
     hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": manifest["sha256"][f"{MODEL}/{live}/config.pbtxt"]}
     ended = manifest["ab"]
-    _write_manifest(repository, {k: v for k, v in manifest.items() if k not in ("sha256", "ab")}, hashes)
+    _write_manifest(repository, {k: v for k, v in manifest.items() if k != "ab"}, hashes)
     return ended
 
 

@@ -67,13 +67,18 @@ def _write_manifest(repository: Path, manifest: dict, hashes: dict[str, str]) ->
     from recserve.integrity import code_hashes
 
     manifest = {**manifest, "sha256": dict(sorted(hashes.items())), "code_sha256": code_hashes()}
-    tmp = Path(repository) / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, Path(repository) / "manifest.json")
+    _write_text(Path(repository) / "manifest.json", json.dumps(manifest, indent=2))
+
+
+def _write_text(dst: Path, text: str) -> None:
+    """Write `dst` atomically (a reader sees the old file or the new one, never half of one)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dst)
 
 
 def _replace_file(src: Path, dst: Path) -> None:
-    """Copy `src` over `dst` atomically (a reader sees the old file or the new one, never half of one)."""
+    """Copy `src` over `dst` atomically."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

@@ -555,25 +555,20 @@ class TritonServer:
                                          self.front_door.set_state if self.front_door else (lambda state: None),
                                          self.admin_headers, restart_server=self.restart,
                                          exit_cause=self.exit_cause, max_restarts=self.max_restarts,
-                                         on_swap=self._new_contract, before_swap=self._interim_contract)
+                                         on_swap=self._reload_contract,
+                                         before_swap=lambda pin: self._reload_contract(pin=pin, split=False))
             self.supervisor.start()
         elif self.front_door is not None:
             self.front_door.set_state("ready")
 
-    def _new_contract(self) -> None:
-        """After a version switch: the front door checks requests against the new configs."""
+    def _reload_contract(self, pin: int | None = None, split: bool = True) -> None:
+        """After a version switch the front door checks requests against the new configs and applies the
+        manifest's A/B split; while a split starts or ends (`split=False`), every request to `recommend` goes to
+        version `pin` (or, `None`, the newest loaded one), never to an arm not loaded yet or any more."""
         if self.front_door is not None:
             from recserve.serving.frontdoor import contract
 
-            self.front_door.reload(contract(self.repository))
-
-    def _interim_contract(self, pin: int | None) -> None:
-        """While an A/B split starts or ends: every request to `recommend` goes to version `pin` (or, `None`,
-        to the newest loaded version), never to an arm that is not loaded yet or any more."""
-        if self.front_door is not None:
-            from recserve.serving.frontdoor import contract
-
-            self.front_door.reload(contract(self.repository, pin=pin, split=False))
+            self.front_door.reload(contract(self.repository, pin=pin, split=split))
 
     def _server_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None

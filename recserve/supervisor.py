@@ -131,6 +131,7 @@ class Supervisor:
         self.repository = Path(repository)
         self.canaries = Canaries(repository)
         self.on_swap, self.before_swap = on_swap, before_swap
+        self._manifest_seen: tuple[tuple[int, int], tuple[int, str]] | None = None
         self.serving = self._live()                  # (version, A/B split) the server serves
         self.version = self.serving[0] if self.serving else 1
         self.swaps: list[dict] = []     # {"from", "to", "seconds", "ok", "error"} per switch of the live version
@@ -228,15 +229,16 @@ class Supervisor:
         """True while a stopped tritonserver is (or will be) started again: `serve` keeps waiting meanwhile."""
         if self.restart_server is None or self.gave_up is not None or not self._thread or not self._thread.is_alive():
             return False
-        now = time.monotonic()
-        return sum(now - r["at"] < RESTART_WINDOW_S for r in self.server_restarts) < self.max_restarts \
+        return self._recent_restarts() < self.max_restarts \
             or (bool(self.server_restarts) and self.server_restarts[-1]["seconds"] is None)
+
+    def _recent_restarts(self) -> int:
+        now = time.monotonic()
+        return sum(now - r["at"] < RESTART_WINDOW_S for r in self.server_restarts)
 
     def _restart(self) -> bool:
         """tritonserver stopped by itself: start it again, or give up. Returns True when it runs again."""
-        cause = self.exit_cause()
-        now = time.monotonic()
-        recent = sum(now - r["at"] < RESTART_WINDOW_S for r in self.server_restarts)
+        cause, now, recent = self.exit_cause(), time.monotonic(), self._recent_restarts()
         if self.restart_server is None or recent >= self.max_restarts:
             self.gave_up = (f"not restarted: {recent} restart(s) in the last {RESTART_WINDOW_S:g} s, "
                             f"at most {self.max_restarts} (--max-restarts)")
@@ -256,10 +258,18 @@ class Supervisor:
     # -- versions: `recserve deploy` / `rollback` changed the live version (recserve/deploy.py) ---------------
 
     def _live(self) -> tuple[int, str] | None:
-        """What the manifest says to serve: (live version, the A/B split as JSON, "" when none)."""
+        """What the manifest says to serve: (live version, the A/B split as JSON, "" when none). Parsed again
+        only when the file changed (it is looked at every `interval`)."""
+        path = self.repository / "manifest.json"
         try:
-            manifest = json.loads((self.repository / "manifest.json").read_text())
-            return int(manifest.get("model_version", 1)), json.dumps(manifest.get("ab") or "", sort_keys=True)
+            st = path.stat()
+            if self._manifest_seen is None or self._manifest_seen[0] != (st.st_mtime_ns, st.st_size):
+                manifest = json.loads(path.read_text())
+                ab = manifest.get("ab")
+                self._manifest_seen = ((st.st_mtime_ns, st.st_size),
+                                       (int(manifest.get("model_version", 1)), json.dumps(ab, sort_keys=True) if ab
+                                        else ""))
+            return self._manifest_seen[1]
         except (OSError, ValueError):     # a manifest being replaced; the next look sees it whole
             return None
 
@@ -286,7 +296,7 @@ class Supervisor:
             log.error("supervisor: version %s %s; version %s serves on", version, record["error"], self.version)
             self._refused = state             # not retried until the manifest says something else
             return False
-        old_split, new_split = (self.serving or (None, '""'))[1] != '""', state is not None and state[1] != '""'
+        old_split, new_split = bool(self.serving and self.serving[1]), bool(state and state[1])
         if state is not None and state[0] == self.version and (old_split or new_split):
             self.before_swap(self.version)    # a split starts or ends: every user on the live version meanwhile
         elif old_split:

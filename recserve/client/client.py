@@ -436,7 +436,6 @@ class RecClient:
         self.cache_hits = self.cache_misses = 0
         self._options_served: bool | None = None
         self._config: tuple[float, dict[str, Any]] | None = None
-        self._ab_aware = True
         urls = [u.strip().removeprefix("http://") if protocol == "http" else u.strip()
                 for u in self.url.split(",") if u.strip()] if isinstance(self.url, str) else []
         if not urls:
@@ -636,8 +635,6 @@ class RecClient:
     def _arm_version(self, user_id: int) -> str:
         """The version of the user's arm while an A/B split runs (`recserve ab start` writes it into recommend's
         config as `recserve_ab`), so gRPC calls are split as the front door splits HTTP ones; else ""."""
-        if not self._ab_aware:
-            return ""
         raw = self._recommend_config().get("parameters", {}).get("recserve_ab", {}).get("string_value")
         if not raw:
             return ""

@@ -41,18 +41,16 @@ class TritonPythonModel(BatchedModel):
         self._families = {}
         # `custom_metrics` "0" (loadtest/bench_metrics_cost.py measures with and without): no counters, no drift
         self.custom_metrics = params.get("custom_metrics", "1") != "0"
-        try:
-            if not self.custom_metrics:
-                raise RuntimeError("custom metrics are off")
-            family = self.pb.MetricFamily
-            self._families = {
-                "fallbacks": family(name="recserve_fallbacks_total", kind=family.COUNTER,
-                                    description="requests answered by a fallback, by the step that failed"),
-                "responses": family(name="recserve_responses_total", kind=family.COUNTER,
-                                    description="rows answered by recommend, by source"),
-            }
-        except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
-            if self.custom_metrics:
+        if self.custom_metrics:
+            try:
+                family = self.pb.MetricFamily
+                self._families = {
+                    "fallbacks": family(name="recserve_fallbacks_total", kind=family.COUNTER,
+                                        description="requests answered by a fallback, by the step that failed"),
+                    "responses": family(name="recserve_responses_total", kind=family.COUNTER,
+                                        description="rows answered by recommend, by source"),
+                }
+            except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
                 log.warning("recommend: custom metrics are not available in this python backend")
         self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
         self._warm_up()
@@ -93,7 +91,7 @@ class TritonPythonModel(BatchedModel):
                 gauge.set(float("nan"))       # until enough rows were served (recserve.drift.MIN_ROWS)
         except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
             log.warning("recommend: no drift gauges: custom metrics are not available in this python backend")
-        self._drift_at, self._drift_failed = time.monotonic(), False
+        self._drift_at = time.monotonic()
 
     def _signals(self, batches: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]
                  ) -> dict[str, np.ndarray]:

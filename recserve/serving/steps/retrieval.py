@@ -146,7 +146,6 @@ class Retriever:
         users = np.zeros(1, np.int64)
         als_user = np.zeros((1, self.sources.als_user.shape[1]), np.float32)
         query = self.blend.query(user_vec, als_user)
-        self.last_query_norms = np.linalg.norm(query, axis=1)   # a drift signal (recserve/drift.py)
         _, ids = self.index.search(self._q(query), min(self.index.ntotal, self.k + len(h)))
         recent = np.asarray(history[::-1][:self.sources.recent.shape[1]], np.int64)
         x = sp.csr_matrix((np.ones(len(recent), np.float32), (np.zeros(len(recent), np.int64), recent)),
