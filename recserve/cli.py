@@ -4,7 +4,7 @@
     recserve export onnx|repository                    recserve serve
     recserve recommend             recserve demo       recserve bench
     recserve deploy                recserve rollback   recserve ab start|stop|report
-    recserve update
+    recserve update                recserve items add
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ export_app = typer.Typer(no_args_is_help=True, help="Export trained models: ONNX
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures.")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
+items_app = typer.Typer(no_args_is_help=True, help="Change the served catalogue: add new items without retraining.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(items_app, name="items")
 
 
 def clean_errors(fn):
@@ -318,18 +320,45 @@ def deploy(
     """Add the artifacts as the repository's next model version and make it live; a running server switches to
     it without failing a request. Flavor, K and k-max stay the live version's."""
     from recserve.deploy import deploy as run_deploy
+
+    m = run_deploy(artifacts, repository, _live_options(repository, precision, index), keep=keep)
+    typer.echo(f"{repository}: version {m['model_version']} is live ({m['precision']}, index "
+               f"{m['index']['spec']['kind']}); kept versions {sorted(int(v) for v in m['versions'])}; a running "
+               "`recserve serve` switches to it within a second")
+
+
+def _live_options(repository: Path, precision: str | None, index: str):
+    """Options of a next version: flavor, K and k-max as the live version's; precision too unless given."""
     from recserve.deploy import read_manifest
     from recserve.export.index import IndexSpec
     from recserve.serving.repository import RepoOptions
 
     live = read_manifest(repository) if (repository / "manifest.json").exists() else {}
-    opts = RepoOptions(flavor=live.get("flavor", "embedded"), precision=precision or live.get("precision", "fp32"),
+    return RepoOptions(flavor=live.get("flavor", "embedded"), precision=precision or live.get("precision", "fp32"),
                        candidates=int(live.get("candidates", 500)), k_max=int(live.get("k_max", 100)),
                        index=IndexSpec(index), ranker_threads=2)
-    m = run_deploy(artifacts, repository, opts, keep=keep)
-    typer.echo(f"{repository}: version {m['model_version']} is live ({m['precision']}, index "
-               f"{m['index']['spec']['kind']}); kept versions {sorted(int(v) for v in m['versions'])}; a running "
-               "`recserve serve` switches to it within a second")
+
+
+@items_app.command("add")
+@clean_errors
+def items_add_cmd(
+    repository: Path = typer.Option(..., "--repository", help="The served repository (a running server switches)."),
+    items: Path = typer.Option(..., "--items", help="CSV with a header: item_id,title[,genres][,year]; genres "
+                                                    "separated by |, as the data set names them."),
+    artifacts: Path | None = typer.Option(None, "--artifacts", help="The live version's artifacts (default: the "
+                                                                    "directory its manifest names)."),
+    out: Path | None = typer.Option(None, "--out", help="Where the new artifacts go (default: ARTIFACTS-items-vN)."),
+    precision: str | None = typer.Option(None, help="fp32 or int8; default: the live version's."),
+    index: str = typer.Option("auto", help="auto, flat, ivf, ivfpq or hnsw (as `export repository`)."),
+):
+    """Add new items to a served catalogue without retraining: the item tower embeds them from their content
+    (genres, year), and they join the index in a new version that a running server switches to at once."""
+    from recserve.items import items_add
+
+    r = items_add(repository, items, artifacts, out, _live_options(repository, precision, index))
+    typer.echo(f"added {r['added']} items ({r['items_before']} -> {r['items']}) into {r['artifacts']}; "
+               f"{repository}: version {r['model_version']} ({r['precision']}) is live; a running `recserve serve` "
+               "switches to it within a second")
 
 
 @app.command()

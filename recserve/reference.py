@@ -134,8 +134,9 @@ class Reference:
         self.use_ranker = json.loads(gate.read_text())["shipped"] if gate.exists() else True
         blend = json.loads((artifacts / "blend.json").read_text())
         self.coef, rule = blend["coef"], blend["rule"]
-        self.quota = (int(self.candidates * rule["quota"]["neighbours"]),
-                      int(self.candidates * rule["quota"]["popularity"]))
+        q = rule["quota"]
+        self.quota = (int(self.candidates * q["neighbours"]), int(self.candidates * q["popularity"]),
+                      max(1, int(self.candidates * q["new"])) if "new" in q else 0)
         v = self.VIEW.get(target, "serve")
         with np.load(artifacts / "sources.npz") as z:
             self.als_user, self.als_item, self.pop = z[f"{v}/als_user"], z[f"{v}/als_item"], z[f"{v}/pop"]
@@ -148,7 +149,7 @@ class Reference:
 
     def retrieve(self, users: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, K) candidate item indices, which are real (False where fewer than K items are unseen), and their
-        (B, K, 3) source scores: the neighbour and popularity quotas first, then the best of the vector blend,
+        (B, K, 3) source scores: the neighbour, popularity and new-item quotas first, then the best of the vector blend,
         each over the items the user has not seen, no item twice."""
         c = self.coef
         vec = (c["two_tower"] * (uv @ self.item_vecs.T) + c["als"] * (self.als_user[users] @ self.als_item.T)
@@ -163,8 +164,11 @@ class Reference:
             def by(score: np.ndarray, unseen: np.ndarray = unseen) -> list[int]:
                 return sorted(unseen.tolist(), key=lambda j: (-score[j], j))
             picked: list[int] = []
+            # items the view has no interaction with, by the towers' dot product alone
+            dot = np.where(self.pop == 0, uv[r] @ self.item_vecs.T, -np.inf)
+            new = [j for j in by(dot)[:self.quota[2]] if self.pop[j] == 0]
             for pool, quota in ((by(nbr)[:self.quota[0]], self.quota[0]), (by(self.pop)[:self.quota[1]], None),
-                                (by(vec[r]), None)):
+                                (new, None), (by(vec[r]), None)):
                 if quota is not None:     # the neighbour source offers items with a positive score only
                     pool = [i for i in pool if nbr[i] > 0]
                 for i in pool:

@@ -8,7 +8,10 @@ A user's K candidates come from three sources, merged by the candidate rule (`re
   neighbours  item-to-item: the user's RECENT newest items, each with its NEIGHBOURS strongest successors in
               a precomputed table (EASE^R's weights, or item-kNN's above EASE_MAX_ITEMS items); an item's
               score is the sum over the user's recent items (items with a positive score only);
-  popularity  the most popular items of the period the view knows.
+  popularity  the most popular items of the period the view knows;
+  new         items the view has no interaction with (added by `recserve items add`, or cold in an evaluation
+              view), best by the towers' dot product alone: nothing else can reach them (no ALS factors, no
+              neighbours, no popularity).
 
 Each source gets a quota of the K (QUOTA), the rest are the vector search's best; duplicates and seen items are
 removed, so every user gets K distinct unseen candidates when the catalogue has them. The retrieval order is
@@ -41,7 +44,7 @@ TERMS = ("two_tower", "als", "popularity", "neighbours")          # the blend's 
 SRC_FEATURES = ("blend", "als", "neighbours")                    # the ranker's `cand_src` columns
 NEIGHBOURS = 100         # successors kept per item in the neighbour table
 RECENT = 50              # the user's newest items the neighbour source starts from
-QUOTA = {"neighbours": 0.2, "popularity": 0.05}                  # share of K each source may fill first
+QUOTA = {"neighbours": 0.2, "popularity": 0.05, "new": 0.02}     # share of K each source may fill first
 WEIGHT_GRID = {"two_tower": (0.0, 0.25, 0.5, 1.0), "als": (0.0, 0.25, 0.5, 1.0),
                "popularity": (0.0, 0.1, 0.2), "neighbours": (0.0, 0.25, 0.5, 1.0)}
 
@@ -55,6 +58,11 @@ class ViewSources:
     nbr: sp.csr_matrix        # (I, I) float32: row j holds item j's NEIGHBOURS strongest successors
     pop: np.ndarray           # (I,) float32 log(1 + count) over the view's interactions
     recent: np.ndarray        # (U, RECENT) int64 newest first, padded with n_items
+
+    @cached_property
+    def new_items(self) -> np.ndarray:
+        """Items with no interaction in the view, ascending (computed once, not per request)."""
+        return np.flatnonzero(self.pop == 0)
 
     @cached_property
     def pop_order(self) -> np.ndarray:
@@ -92,9 +100,10 @@ class Blend:
 
 # ---- the candidate rule over the sources ----------------------------------------------------------------------
 
-def quotas(k: int) -> tuple[int, int]:
-    """(neighbours, popularity) candidates each may contribute before the vector search fills the rest."""
-    return int(k * QUOTA["neighbours"]), int(k * QUOTA["popularity"])
+def quotas(k: int) -> tuple[int, int, int]:
+    """(neighbours, popularity, new) candidates each may contribute before the vector search fills the rest; the
+    new items' quota is at least 1 of any K."""
+    return int(k * QUOTA["neighbours"]), int(k * QUOTA["popularity"]), max(1, int(k * QUOTA["new"])) if k else 0
 
 
 def neighbour_candidates(rows: sp.csr_matrix, users: np.ndarray, seen: Seen, k: int) -> np.ndarray:
@@ -119,13 +128,27 @@ def popular_candidates(src: ViewSources, users: np.ndarray, seen: Seen, k: int) 
     return unseen_candidates(np.broadcast_to(head, (len(users), len(head))), users, seen, k)
 
 
+def new_candidates(src: ViewSources, user_vec: np.ndarray, item_vec: np.ndarray, users: np.ndarray, seen: Seen,
+                   k: int) -> np.ndarray:
+    """(B, <= k) the best unseen items the view has no interaction with, by the towers' dot product."""
+    new = src.new_items
+    if k == 0 or len(new) == 0:
+        return np.full((len(user_vec), 0), PAD_ID, np.int64)
+    extra = int(seen.count(users).max()) if len(users) else 0
+    ranked = new[top_positions(np.asarray(user_vec, np.float32) @ item_vec[new].T, k + extra)]
+    return unseen_candidates(ranked, users, seen, k)
+
+
 def assemble(ann: np.ndarray, nbr_rows: sp.csr_matrix, users: np.ndarray, seen: Seen, src: ViewSources,
-             k: int) -> np.ndarray:
-    """The K candidates: the neighbour and popularity quotas first, then the vector search's best (`ann`:
-    (B, >= k) unseen ids, best first), without duplicates. The same code offline and in the served step."""
-    q_nbr, q_pop = quotas(k)
+             k: int, user_vec: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The K candidates: the neighbour, popularity and new-item quotas first, then the vector search's best
+    (`ann`: (B, >= k) unseen ids, best first), without duplicates. `items` is `Blend.item_matrix` (its first
+    columns are the item tower's vectors). The same code offline and in the served step."""
+    q_nbr, q_pop, q_new = quotas(k)
+    tower = items[:, :user_vec.shape[1]]
     return merge_sources([neighbour_candidates(nbr_rows, users, seen, q_nbr),
-                          popular_candidates(src, users, seen, q_pop), ann], k)
+                          popular_candidates(src, users, seen, q_pop),
+                          new_candidates(src, user_vec, tower, users, seen, q_new), ann], k)
 
 
 def lookup(rows: sp.csr_matrix, cand: np.ndarray) -> np.ndarray:
@@ -299,7 +322,7 @@ def offline_candidates(blend: Blend, user_vec: np.ndarray, items: np.ndarray, sr
     q = blend.query(user_vec, src.als_user[users])
     nbr_rows = src.neighbour_rows(users)
     k = min(k, len(items))
-    cand = assemble(candidates(q @ items.T, users, seen, k), nbr_rows, users, seen, src, k)
+    cand = assemble(candidates(q @ items.T, users, seen, k), nbr_rows, users, seen, src, k, user_vec, items)
     return cand, source_features(blend, q, items, nbr_rows, src.als_user[users], src.als_item, cand)
 
 

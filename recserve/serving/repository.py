@@ -271,7 +271,8 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
             shutil.copy(README, tmp / "README.md")
         manifest = {
             "format": 3, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model_version": version, "fingerprint": meta["fingerprint"], "flavor": opts.flavor,
+            "model_version": version, "fingerprint": meta["fingerprint"], "artifacts": str(artifacts.resolve()),
+            "flavor": opts.flavor,
             "precision": opts.precision, "view": opts.view, "candidates": sizes["K"], "k_max": sizes["KMAX"],
             "path": [s.name for s in spec.path()], "index": index_info, "ranker": gate,
             "tensorrt": {"engines": opts.tensorrt, "note": tensorrt_note},

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from recserve.ranking import PAD_ID, Seen, merge_sources
-from recserve.sources import Blend, ViewSources, assemble, neighbour_candidates, offline_candidates, quotas
+from recserve.sources import (Blend, ViewSources, assemble, neighbour_candidates, new_candidates, offline_candidates,
+                              quotas)
 
 pytestmark = pytest.mark.unit
 
@@ -60,8 +61,8 @@ def test_assembled_candidates_are_k_distinct_unseen_items_with_the_quotas_first(
     uv, iv = rng.normal(size=(U, D)).astype(np.float32), rng.normal(size=(N_ITEMS, D)).astype(np.float32)
     k = 20
     cand, src = offline_candidates(blend, uv, Blend.item_matrix(iv, view), view, users, seen, k)
-    q_nbr, q_pop = quotas(k)
-    assert (q_nbr, q_pop) == (4, 1)
+    q_nbr, q_pop, q_new = quotas(k)
+    assert (q_nbr, q_pop, q_new) == (4, 1, 1)
     nbr_rows = view.neighbour_rows(users)
     first = neighbour_candidates(nbr_rows, users, seen, q_nbr)
     for u in users:
@@ -90,5 +91,27 @@ def test_search_results_and_full_rows_give_the_same_candidates():
     offline, _ = offline_candidates(blend, uv, items, view, users, seen, 15)
     scores = blend.query(uv, view.als_user[users]) @ items.T
     ranked = np.argsort(-scores, axis=1, kind="stable")               # what an exact index returns
-    served = assemble(unseen_candidates(ranked, users, seen, 15), view.neighbour_rows(users), users, seen, view, 15)
+    served = assemble(unseen_candidates(ranked, users, seen, 15), view.neighbour_rows(users), users, seen, view, 15,
+                      uv, items)
     assert served.tolist() == offline.tolist()
+
+
+def test_items_the_view_never_saw_get_their_quota_by_the_tower_dot_product_alone():
+    """New items (no ALS factors, no neighbours, popularity 0) reach users even when the blend ignores the towers."""
+    view, seen = _view(4), _seen()
+    new = np.array([12, 31, 35, 39])                       # user 3 has seen item 12
+    view.pop[new] = 0.0
+    view.als_item[new] = 0.0
+    users = np.arange(U)
+    rng = np.random.default_rng(5)
+    uv, iv = rng.normal(size=(U, D)).astype(np.float32), rng.normal(size=(N_ITEMS, D)).astype(np.float32)
+    k = 100 // 2                                            # 2% of 50: the quota is 1
+    assert quotas(k)[2] == 1 and quotas(500)[2] == 10 and quotas(0)[2] == 0
+    blend = Blend({"two_tower": 0.0, "als": 1.0, "popularity": 0.0, "neighbours": 0.0})   # ALS only
+    cand, _ = offline_candidates(blend, uv, Blend.item_matrix(iv, view), view, users, seen, 8)
+    got = new_candidates(view, uv, iv, users, seen, 2)
+    for u in users:
+        unseen_new = [j for j in new if j not in seen.of(u)]
+        want = sorted(unseen_new, key=lambda j: (-float(uv[u] @ iv[j]), j))
+        assert got[u].tolist() == want[:2]
+        assert want[0] in cand[u].tolist()                  # in the K although ALS scores it 0

@@ -135,7 +135,7 @@ class Retriever:
         _, ids = self.index.search(self._q(query), fetch_size(users, self.seen, self.k, self.index.ntotal))
         nbr_rows = self.sources.neighbour_rows(users)
         cand = assemble(unseen_candidates(ids, users, self.seen, self.k), nbr_rows, users, self.seen,
-                        self.sources, self.k)
+                        self.sources, self.k, user_vec, self.items)
         return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
 
     def cold_candidates(self, history: np.ndarray, user_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +152,8 @@ class Retriever:
                           shape=(1, self.sources.nbr.shape[0]))
         nbr_rows = (x @ self.sources.nbr).tocsr()
         nbr_rows.sort_indices()
-        cand = assemble(unseen_candidates(ids, users, seen, self.k), nbr_rows, users, seen, self.sources, self.k)
+        cand = assemble(unseen_candidates(ids, users, seen, self.k), nbr_rows, users, seen, self.sources, self.k,
+                        user_vec, self.items)
         return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
