@@ -150,6 +150,34 @@ def test_an_ab_split_sends_each_user_to_the_arm_its_salted_hash_names_and_the_re
     assert {_answer(server, u)[0] for u in users[:10]} == {"1"}
 
 
+def test_items_add_makes_new_items_servable_on_the_running_server_without_retraining(versioned, artifacts,
+                                                                                      tmp_path):
+    from recserve.client import RecClient
+    from recserve.items import items_add
+
+    server, repository = versioned
+    swaps = len(server.supervisor.swaps)
+    before = live_version(repository)
+    (tmp_path / "new.csv").write_text("item_id,title,genres,year\n0,Brand New,cat00|cat03,2020\n"
+                                      "1000,Also New,cat01,2021\n")
+    r = items_add(repository, tmp_path / "new.csv", artifacts=artifacts, out=tmp_path / "grown",
+                  opts=RepoOptions(candidates=CANDIDATES))
+    assert r["added"] == 2 and r["model_version"] > before
+    _wait_switched(server, r["model_version"], swaps)
+    client = RecClient(server.url("http"), protocol="http")
+    assert client.titles([0, 1000, 5])[:2] == ["Brand New", "Also New"]
+    users = np.load(repository / "retrieval" / str(r["model_version"]) / "users.npz")["user_ids"][:40].tolist()
+    served = {u: [i.item_id for i in client.recommend(u, k=client.k_max()).items] for u in users}
+    assert any({0, 1000} & set(items) for items in served.values()), "no user was served a new item"
+    assert all(rec.version == str(r["model_version"]) for rec in [client.recommend(users[0], k=3)])
+    # an unknown user who just clicked a new item is personalised from it; a new item can be excluded
+    rec = client.recommend(10 ** 9, k=5, history=[0])
+    assert rec.source == "history" and len(rec.items) == 5
+    holder = next(u for u, items in served.items() if {0, 1000} & set(items))
+    kept = [i.item_id for i in client.recommend(holder, k=client.k_max(), exclude=[0, 1000]).items]
+    assert not {0, 1000} & set(kept)
+
+
 def test_deploy_keeps_the_newest_versions_and_a_tampered_version_is_not_loaded(versioned, artifacts):
     server, repository = versioned
     sup = server.supervisor
