@@ -38,8 +38,10 @@ OPTIONS_KEY = "__options"   # a checked request's parsed options, one (rules, hi
 class LocalPipeline:
     """`recommend` over a repository written by `recserve export repository`, in this process."""
 
-    def __init__(self, repository: Path, threads: int = 1, ranker_timeout: float = 0.25, version: int | None = None):
-        """`version`: which of the repository's model versions to run; the live one (the manifest's) by default."""
+    def __init__(self, repository: Path, threads: int = 1, ranker_timeout: float = 0.0, version: int | None = None):
+        """`version`: which of the repository's model versions to run; the live one (the manifest's) by default.
+        `ranker_timeout`: seconds, 0 = none (offline scoring: a busy machine must not turn a slow batch into the
+        retrieval order); the served model sets its config's `ranker_timeout_ms`."""
         repository = Path(repository)
         manifest = json.loads((repository / "manifest.json").read_text())
         self.version = int(manifest.get("model_version", 1)) if version is None else int(version)

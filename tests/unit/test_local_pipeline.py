@@ -16,7 +16,7 @@ from recserve.serving.steps.retrieval import check_request
 def pipeline(tiny_artifacts, tmp_path_factory) -> LocalPipeline:
     repo = tmp_path_factory.mktemp("local") / "repo"
     write_repository(tiny_artifacts, repo, RepoOptions(candidates=60))
-    return LocalPipeline(repo)
+    return LocalPipeline(repo, ranker_timeout=0.25)      # as the served model runs it
 
 
 def _request(p: LocalPipeline, users, k=5, **options) -> dict:
