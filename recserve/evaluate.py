@@ -15,7 +15,7 @@ import torch
 
 from recserve import checkpoint
 from recserve.data.dataset import TEST, TRAIN, VALID, Dataset
-from recserve.ranking import Seen, candidates, top_k
+from recserve.ranking import Seen, candidates, new_item_order, top_k
 from recserve.reference import Tables, context_of, item_vectors, known_splits, rank, ranker_batch, user_vectors
 
 KS = (10, 20, 50)
@@ -133,12 +133,17 @@ class Evaluator:
 
     def served_lists(self, two_tower, ranker, k: int = RERANK_CANDIDATES, batch: int = 256) -> np.ndarray:
         """(users, 50) what the served path answers: the candidate rule, the ranker (or, when None, the retrieval
-        order: the blend score, or the towers' dot without sources), top-k (`recserve.ranking`)."""
+        order: the blend score, or the towers' dot without sources), top-k (`recserve.ranking`). Over the sources,
+        items the view has no interaction with keep their retrieval rank (`ranking.new_item_order`)."""
         tops = []
         for sl, f, uv, iv, cand, src in self.candidate_batches(two_tower, k, batch):
             if ranker is not None:
                 scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl],
                                                    np.maximum(cand, 0), iv, src))
+                if src is not None:
+                    new = (self.sources[1].pop[np.maximum(cand, 0)] == 0) & (cand >= 0)
+                    tops.append(new_item_order(scores, src[..., 0], cand, new, max(KS))[0])
+                    continue
             elif src is not None:
                 scores = src[..., 0]
             else:

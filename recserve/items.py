@@ -176,9 +176,8 @@ def _grow_sources(path: Path, dst: Path, new_index: np.ndarray, n: int) -> None:
 def add_items(artifacts: Path, new: NewItems, out: Path, precision: str = "fp32") -> dict:
     """Write ARTIFACTS with the new items added to OUT (which must not exist), exported to ONNX (and INT8 when
     `precision` is int8) so that `recserve deploy --artifacts OUT` can serve it; returns what it did."""
-    from recserve.export.onnx import export_onnx
-
     from recserve.data.dataset import Dataset, year_bucket
+    from recserve.export.onnx import export_onnx
 
     artifacts, out = Path(artifacts), Path(out)
     if out.exists():
@@ -239,10 +238,10 @@ def items_add(repository: Path, items_file: Path, artifacts: Path | None = None,
               opts=None) -> dict:
     """`recserve items add`: the live version's artifacts plus the file's items, deployed as the next version."""
     from recserve.data.dataset import Dataset
-    from recserve.deploy import deploy, read_manifest
+    from recserve.deploy import _verified, deploy
 
     repository = Path(repository)
-    manifest = read_manifest(repository)
+    manifest = _verified(repository)            # refuse a tampered or stale repository before any work
     if artifacts is None:
         if not manifest.get("artifacts"):
             raise ArtifactError(f"{repository}/manifest.json does not say which artifacts its live version was "

@@ -149,6 +149,50 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return out_ids, out_scores
 
 
+def new_item_order(scores: np.ndarray, retrieval: np.ndarray, ids: np.ndarray, new: np.ndarray, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of (B, K) candidates `ids` by the ranker's `scores`, except that NEW items keep their place in the
+    retrieval order; returns (ids, scores), each (B, min(k, K)), PAD-padded.
+
+    A new item (no interaction in the view: just added, or cold) gives the ranker nothing to judge it by, and a
+    ranker learns from history that such items are rarely clicked: it would bury every one. So the list is the
+    ranker's order of the other candidates with each new candidate put back at its rank r in the retrieval
+    order (`retrieval`: the blend score; ties to the earlier position), as far as the list allows: the j-th new
+    item by r goes before the other item of rank q among the others exactly when r - j <= q. A new item's score
+    is that of the other item just above it (or just below, when it comes first), so scores stay descending and
+    the rules' ties keep this order. Without new candidates this is `top_k(scores, ids, k)`.
+    The served ranker graph computes the same order (`recserve/export/graphs.py`, `ranker_graph`).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    B, K = ids.shape
+    valid = ids >= 0
+    new = np.asarray(new, bool) & valid
+    if not new.any():
+        return top_k(scores, ids, k)
+    rows, ranks = np.arange(B)[:, None], np.broadcast_to(np.arange(K), (B, K))
+    by_retrieval = top_positions(np.where(valid, retrieval, -np.inf), K)
+    r = np.empty((B, K), np.int64)
+    r[rows, by_retrieval] = ranks
+    new_sorted = np.take_along_axis(new, by_retrieval, 1).astype(np.int64)
+    j = np.empty((B, K), np.int64)
+    j[rows, by_retrieval] = np.cumsum(new_sorted, axis=1) - new_sorted           # new items before, by r
+    other = valid & ~new
+    other_scores = np.where(other, scores, -np.inf)
+    by_score = top_positions(other_scores, K)
+    q = np.empty((B, K), np.int64)
+    q[rows, by_score] = ranks
+    key = np.where(new, 2 * (r - j) * (K + 1) + j, (2 * q + 1) * (K + 1))
+    key = np.where(valid, key, np.iinfo(np.int64).max)
+    pos = np.argsort(key, axis=1, kind="stable")[:, :min(k, K)]
+    sorted_other = np.take_along_axis(other_scores, by_score, 1)                 # descending
+    above = np.clip(r - j - 1, 0, np.maximum(other.sum(axis=1, keepdims=True) - 1, 0))
+    new_score = np.where(other.any(axis=1, keepdims=True), np.take_along_axis(sorted_other, above, 1), retrieval)
+    final = np.where(new, new_score, scores)
+    keep = np.take_along_axis(valid, pos, 1)
+    return (np.where(keep, np.take_along_axis(ids, pos, 1), PAD_ID),
+            np.where(keep, np.take_along_axis(final, pos, 1), PAD_SCORE).astype(np.float32))
+
+
 def overlap_at_k(got: np.ndarray, want: np.ndarray, k: int) -> float:
     """Mean over rows of the share of `want`'s top-k (the reference list) that `got`'s top-k also holds.
 

@@ -166,7 +166,7 @@ class Reference:
             picked: list[int] = []
             # items the view has no interaction with, by the towers' dot product alone
             dot = np.where(self.pop == 0, uv[r] @ self.item_vecs.T, -np.inf)
-            new = [j for j in by(dot)[:self.quota[2]] if self.pop[j] == 0]
+            new = [i for i in by(dot)[:self.quota[2]] if self.pop[i] == 0]
             for pool, quota in ((by(nbr)[:self.quota[0]], self.quota[0]), (by(self.pop)[:self.quota[1]], None),
                                 (new, None), (by(vec[r]), None)):
                 if quota is not None:     # the neighbour source offers items with a positive score only
@@ -182,7 +182,8 @@ class Reference:
 
     def recommend(self, users: np.ndarray, hour: np.ndarray, weekday: np.ndarray, k: int
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per user, (item indices, ranker scores) of the best k of the K candidates, best first."""
+        """Per user, (item indices, ranker scores) of the best k of the K candidates, best first; an item with no
+        interaction in the view keeps its rank in the retrieval order (the score of the item above it)."""
         f = self.tables.users(users)
         uv = user_vectors(self.two_tower, f)
         cand, real, src = self.retrieve(users, uv)
@@ -192,7 +193,25 @@ class Reference:
             scores = src[..., 0]
         out = []
         for r in range(len(users)):
-            order = np.argsort(-np.where(real[r], scores[r], -np.inf), kind="stable")[:k]
+            order = np.argsort(-np.where(real[r], scores[r], -np.inf), kind="stable")
             order = order[real[r][order]]
+            if self.use_ranker:      # an item with no interaction in the view keeps its retrieval rank
+                by_blend = sorted(order.tolist(), key=lambda p, r=r: (-src[r, p, 0], p))
+                rank_of = {p: n for n, p in enumerate(by_blend)}
+                new = [p for p in by_blend if self.pop[cand[r, p]] == 0]
+                others = [p for p in order.tolist() if self.pop[cand[r, p]] != 0]
+                merged, sc = [], []
+                while len(merged) < len(order):
+                    if new and (rank_of[new[0]] <= len(merged) or not others):
+                        p = new.pop(0)
+                        sc.append(sc[-1] if sc else scores[r, others[0]] if others else src[r, p, 0])
+                    else:
+                        p = others.pop(0)
+                        sc.append(scores[r, p])
+                    merged.append(p)
+                order = np.array(merged[:k], np.int64)
+                out.append((cand[r][order], np.array(sc[:k], np.float32)))
+                continue
+            order = order[:k]
             out.append((cand[r][order], scores[r][order]))
         return out

@@ -8,11 +8,13 @@ step to gather features:
   ranker      user_idx, user_vec, context_hour, context_weekday [B, 1|D], cand_idx [B, K], cand_src [B, K, S],
               k [B, 1]
               -> Gather each candidate's features from the item tables -> ranker -> scores [B, K]
-              -> padding (cand_idx < 0) to PAD_SCORE -> TopK(KMAX) -> raw item ids; ranks >= k become -1
+              -> padding (cand_idx < 0) dropped, new items at their retrieval rank -> TopK(KMAX) -> raw item ids;
+              ranks >= k become -1
 
 The wrapping works on any graph with the model's input names, so the INT8 (QDQ) files are wrapped the same
-way. Only Gather, GatherElements, Where, TopK, Cast, Reshape and comparisons are added: operators TensorRT
-builds too. The tables are initializers: the graph is the whole model, data included.
+way. Only Gather, GatherElements, ScatterElements, Where, TopK, CumSum, ReduceSum, Expand, Cast, Reshape,
+arithmetic and comparisons are added: operators TensorRT builds too. The tables are initializers: the graph
+is the whole model, data included.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ServingTables:
 
 
 def _tensor(name: str, array: np.ndarray) -> TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+    return numpy_helper.from_array(np.ascontiguousarray(array).reshape(np.shape(array)), name)   # 0-d stays 0-d
 
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -116,8 +118,10 @@ def retrieval_order(opset: int = 18) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_max: int) -> onnx.ModelProto:
-    """The served ranker: candidates in, the best k_max raw item ids and their scores out."""
+def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_max: int,
+                 new: np.ndarray | None = None) -> onnx.ModelProto:
+    """The served ranker: candidates in, the best k_max raw item ids and their scores out. `new` (I,) bool: items
+    the view has no interaction with, which keep their retrieval rank (`recserve.ranking.new_item_order`)."""
     dim = t.item_vec.shape[1]
     n = helper.make_node
     prelude = [
@@ -134,19 +138,20 @@ def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_ma
         n("Gather", ["pop_table", INNER + "cand_idx"], [INNER + "cand_pop"], axis=0),         # (B, K)
         n("Gather", ["item_vec_table", INNER + "cand_idx"], [INNER + "cand_vec"], axis=0),    # (B, K, D)
     ]
-    epilogue = [
-        n("Where", ["cand_valid", INNER + "scores", "pad_score"], ["masked_scores"]),
-        n("TopK", ["masked_scores", "k_max"], ["top_scores", "top_pos"], axis=1, largest=1, sorted=1),
+    k_max = min(k_max, candidates)
+    if 2 * candidates * (candidates + 1) + candidates >= 2 ** 24:
+        raise ValueError(f"K = {candidates} candidates: the order keys would not be exact in float32 (K < 2890)")
+    epilogue = [*_new_item_order(n), *[
         n("GatherElements", [INNER + "cand_idx", "top_pos"], ["top_idx"], axis=1),          # (B, KMAX)
+        n("GatherElements", ["final_scores", "top_pos"], ["top_scores"], axis=1),
+        n("GatherElements", ["cand_valid", "top_pos"], ["top_valid"], axis=1),
         n("Gather", ["item_ids_table", "top_idx"], ["top_raw"], axis=0),
         n("Cast", ["k"], ["k64"], to=TensorProto.INT64),
         n("Less", ["ranks", "k64"], ["within_k"]),                                          # (B, KMAX)
-        n("Greater", ["top_scores", "pad_score"], ["real"]),
-        n("And", ["within_k", "real"], ["keep"]),
+        n("And", ["within_k", "top_valid"], ["keep"]),
         n("Where", ["keep", "top_raw", "pad_id"], ["item_ids"]),
         n("Where", ["keep", "top_scores", "pad_score"], ["scores"]),
-    ]
-    k_max = min(k_max, candidates)
+    ]]
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("user_idx", i64, ["batch", 1]),
               helper.make_tensor_value_info("user_vec", f32, ["batch", dim]),
@@ -162,8 +167,69 @@ def ranker_graph(inner: onnx.ModelProto, t: ServingTables, candidates: int, k_ma
               "k_max": np.array([k_max], np.int64), "ranks": np.arange(k_max, dtype=np.int64)[None, :],
               "user_cats_table": t.user_cats.astype(np.int64), "genres_table": t.genres.astype(np.float32),
               "year_table": t.year.astype(np.int64), "pop_table": t.pop.astype(np.float32),
-              "item_vec_table": t.item_vec.astype(np.float32), "item_ids_table": t.item_ids.astype(np.int64)}
+              "item_vec_table": t.item_vec.astype(np.float32), "item_ids_table": t.item_ids.astype(np.int64),
+              "order/new_table": np.asarray(new, bool) if new is not None else np.zeros(len(t.item_ids), bool),
+              "order/k_all": np.array([candidates], np.int64),
+              "order/cand_ranks": np.arange(candidates, dtype=np.int64)[None, :],
+              "order/blend_column": np.array(0, np.int64), "order/neg_inf": np.array(-np.inf, np.float32),
+              "order/one": np.array(1, np.int64), "order/axis_1": np.array([1], np.int64),
+              "order/two_f": np.array(2.0, np.float32), "order/one_f": np.array(1.0, np.float32),
+              "order/k_plus_1": np.array(candidates + 1, np.float32), "order/no_key": np.array(2.0 ** 24, np.float32)}
     return _wrap(inner, inputs, outputs, prelude, epilogue, tables, "scores")
+
+
+def _new_item_order(n) -> list:
+    """Nodes: the candidates' order as `recserve.ranking.new_item_order` (same keys, same scores) -> top_pos
+    (B, KMAX) and final_scores (B, K). New items keep their rank r in the retrieval order (the blend score); the
+    j-th of them by r goes before the other item of ranker rank q when r - j <= q; keys 2(r - j)(K + 1) + j and
+    (2q + 1)(K + 1), exact in float32. TopK breaks ties to the lower index, as `ranking.top_positions`."""
+    return [
+        n("Gather", ["order/new_table", INNER + "cand_idx"], ["new_raw"], axis=0),
+        n("And", ["new_raw", "cand_valid"], ["is_new"]),
+        n("Not", ["is_new"], ["not_new"]),
+        n("And", ["cand_valid", "not_new"], ["is_other"]),
+        n("Shape", ["cand_idx"], ["cand_shape"]),
+        n("Expand", ["order/cand_ranks", "cand_shape"], ["rank_bk"]),                               # (B, K) 0..K-1
+        n("Gather", ["cand_src", "order/blend_column"], ["retrieval"], axis=2),                    # the blend score
+        n("Where", ["cand_valid", "retrieval", "order/neg_inf"], ["retrieval_m"]),
+        n("TopK", ["retrieval_m", "order/k_all"], ["_retrieval_sorted", "by_r"], axis=1, largest=1, sorted=1),
+        n("ScatterElements", ["rank_bk", "by_r", "rank_bk"], ["r"], axis=1),
+        n("Cast", ["is_new"], ["new_i"], to=TensorProto.INT64),
+        n("GatherElements", ["new_i", "by_r"], ["new_sorted"], axis=1),
+        n("CumSum", ["new_sorted", "order/one"], ["new_cum"]),
+        n("Sub", ["new_cum", "new_sorted"], ["j_sorted"]),
+        n("ScatterElements", ["rank_bk", "by_r", "j_sorted"], ["j"], axis=1),
+        n("Where", ["is_other", INNER + "scores", "order/neg_inf"], ["other_scores"]),
+        n("TopK", ["other_scores", "order/k_all"], ["sorted_other", "by_q"], axis=1, largest=1, sorted=1),
+        n("ScatterElements", ["rank_bk", "by_q", "rank_bk"], ["q"], axis=1),
+        n("Sub", ["r", "j"], ["r_minus_j"]),
+        n("Cast", ["r_minus_j"], ["rj_f"], to=TensorProto.FLOAT),
+        n("Cast", ["j"], ["j_f"], to=TensorProto.FLOAT),
+        n("Cast", ["q"], ["q_f"], to=TensorProto.FLOAT),
+        n("Mul", ["rj_f", "order/two_f"], ["rj2"]),
+        n("Mul", ["rj2", "order/k_plus_1"], ["rj2k"]),
+        n("Add", ["rj2k", "j_f"], ["key_new"]),
+        n("Mul", ["q_f", "order/two_f"], ["q2"]),
+        n("Add", ["q2", "order/one_f"], ["q21"]),
+        n("Mul", ["q21", "order/k_plus_1"], ["key_other"]),
+        n("Where", ["is_new", "key_new", "key_other"], ["key_any"]),
+        n("Where", ["cand_valid", "key_any", "order/no_key"], ["key"]),
+        n("Neg", ["key"], ["neg_key"]),
+        n("TopK", ["neg_key", "k_max"], ["_neg_key_top", "top_pos"], axis=1, largest=1, sorted=1),
+        # a new item's score: the other item's just above it (rank r - j - 1 among the others), clipped to the
+        # others there are; its own retrieval score when there are none
+        n("Cast", ["is_other"], ["other_i"], to=TensorProto.INT64),
+        n("ReduceSum", ["other_i", "order/axis_1"], ["n_other"], keepdims=1),
+        n("Sub", ["n_other", "order/one"], ["last_other"]),
+        n("Max", ["last_other", "zero"], ["last_other0"]),
+        n("Sub", ["r_minus_j", "order/one"], ["above_raw"]),
+        n("Max", ["above_raw", "zero"], ["above_lo"]),
+        n("Min", ["above_lo", "last_other0"], ["above"]),
+        n("GatherElements", ["sorted_other", "above"], ["score_above"], axis=1),
+        n("Greater", ["n_other", "zero"], ["has_other"]),
+        n("Where", ["has_other", "score_above", "retrieval"], ["new_score"]),
+        n("Where", ["is_new", "new_score", INNER + "scores"], ["final_scores"]),
+    ]
 
 
 VIEWS = {"serve": (0, 1, 2, 3), "test": (0, 1), "valid": (0,)}   # TRAIN, VALID, TEST (UPDATE) splits each view knows

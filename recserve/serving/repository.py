@@ -233,7 +233,8 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         np.savez(retrieval / "users.npz", user_ids=tables.user_ids)
         gate = ranker_gate(artifacts)
         inner = onnx.load(files["ranker"]) if gate["shipped"] else graphs.retrieval_order()
-        ranker = graphs.ranker_graph(inner, tables, sizes["K"], sizes["KMAX"])
+        view, blend = load_view(artifacts, opts.view), load_blend(artifacts)
+        ranker = graphs.ranker_graph(inner, tables, sizes["K"], sizes["KMAX"], new=view.pop == 0)
         ranker_dir = version_dir("ranker")
         graphs.save(ranker, ranker_dir / "model.onnx")
         if opts.tensorrt:
@@ -241,7 +242,6 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         tower_dir = version_dir("item_tower")
         shutil.copy(files["item_tower"], tower_dir / "model.onnx")
         np.savez(retrieval / "seen.npz", indptr=tables.seen_indptr, items=tables.seen)
-        view, blend = load_view(artifacts, opts.view), load_blend(artifacts)
         save_sources(retrieval / "sources.npz", {"view": view})
         shutil.copy(artifacts / "blend.json", retrieval / "blend.json")
         items = Blend.item_matrix(tables.item_vec, view)

@@ -80,3 +80,52 @@ def test_overlap_is_the_share_of_the_reference_top_k_kept(got, want, share):
 def test_ties_at_the_kth_place_keep_the_lowest_positions():
     scores = np.array([[0.0, 1.0, 0.0, 0.0, 0.0, 2.0]], np.float32)
     assert candidates(scores, np.array([0]), _seen([[]]), 4).tolist() == [[5, 1, 0, 2]]
+
+
+def _merge_plainly(scores, retrieval, ids, new, k):
+    """The rule written as a merge, one row at a time: other items in ranker order, each new item at its
+    retrieval rank when the list reaches it."""
+    out_ids, out_scores = [], []
+    for s, rt, row, nw in zip(scores, retrieval, ids, new):
+        real = [p for p in range(len(row)) if row[p] >= 0]
+        by_r = sorted(real, key=lambda p: (-rt[p], p))
+        rank = {p: n for n, p in enumerate(by_r)}
+        news = [p for p in by_r if nw[p]]
+        others = sorted((p for p in real if not nw[p]), key=lambda p: (-s[p], p))
+        final, sc, a, b = [], [], 0, 0
+        while len(final) < min(k, len(real)):
+            if a < len(news) and (rank[news[a]] <= len(final) or b == len(others)):
+                p = news[a]
+                a += 1
+                if not others:                                  # nothing to take a score from: its own
+                    sc.append(rt[p])
+                else:                                           # the item above's, or the first other's
+                    sc.append(sc[-1] if sc else s[others[0]])
+            else:
+                p = others[b]
+                b += 1
+                sc.append(s[p])
+            final.append(row[p])
+        width = min(k, len(row))
+        out_ids.append(final + [PAD_ID] * (width - len(final)))
+        out_scores.append(sc + [PAD_SCORE] * (width - len(sc)))
+    return np.array(out_ids), np.array(out_scores, np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_new_items_keep_their_retrieval_rank_and_the_rest_follow_the_ranker(seed):
+    from recserve.ranking import new_item_order
+
+    rng = np.random.default_rng(seed)
+    B, K, k = 7, 30, 12
+    ids = rng.permutation(1000)[:B * K].reshape(B, K).astype(np.int64)
+    ids[0, 25:] = PAD_ID                                        # a short row
+    scores = rng.integers(0, 6, (B, K)).astype(np.float32)     # many ties
+    retrieval = rng.integers(0, 8, (B, K)).astype(np.float32)
+    new = rng.random((B, K)) < [[0.0], [0.1], [0.3], [0.6], [1.0], [0.2], [0.05]]
+    got_ids, got_scores = new_item_order(scores, retrieval, ids, new, k)
+    want_ids, want_scores = _merge_plainly(scores, retrieval, ids, new, k)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_scores, want_scores)
+    top = top_k(scores, ids, k)
+    np.testing.assert_array_equal(new_item_order(scores, retrieval, ids, np.zeros_like(new), k)[0], top[0])

@@ -7,8 +7,15 @@ import pytest
 import scipy.sparse as sp
 
 from recserve.ranking import PAD_ID, Seen, merge_sources
-from recserve.sources import (Blend, ViewSources, assemble, neighbour_candidates, new_candidates, offline_candidates,
-                              quotas)
+from recserve.sources import (
+    Blend,
+    ViewSources,
+    assemble,
+    neighbour_candidates,
+    new_candidates,
+    offline_candidates,
+    quotas,
+)
 
 pytestmark = pytest.mark.unit
 
