@@ -73,6 +73,7 @@ class ItemTable:
     genres: np.ndarray                # (I, G) 0/1 multi-hot (float or bool); an item may have none or several
     year: np.ndarray                  # (I,) int year or year bucket, bigger = newer; may be all zeros
     vectors: np.ndarray | None = None  # (I, D) item vectors for MMR; None: MMR uses genre Jaccard similarity
+    year_range: tuple[float, float] | None = None   # the catalogue's (min, max) year when the table holds a part
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.item_ids, dtype=np.int64)
@@ -96,12 +97,12 @@ class ItemTable:
             object.__setattr__(self, "vectors", vec)
 
     @classmethod
-    def build(cls, item_ids, genres, year, vectors=None) -> ItemTable:
-        """A table from rows in any order (sorted here by raw id)."""
+    def build(cls, item_ids, genres, year, vectors=None, year_range=None) -> ItemTable:
+        """A table from rows in any order (sorted here by raw id; a repeated id is kept once)."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        order = np.argsort(ids, kind="stable")
+        _, order = np.unique(ids, return_index=True)
         vec = None if vectors is None else np.asarray(vectors)[order]
-        return cls(ids[order], np.asarray(genres)[order], np.asarray(year)[order], vec)
+        return cls(ids[order], np.asarray(genres)[order], np.asarray(year)[order], vec, year_range)
 
     @classmethod
     def from_npz(cls, path: str | Path, vectors: np.ndarray | None = None) -> ItemTable:
@@ -131,7 +132,10 @@ class ItemTable:
     def fresh_ext(self) -> np.ndarray:
         """(I + 1,) float64: (year - min) / (max - min) over the catalogue, 0 when all years are equal."""
         y = self.year.astype(np.float64)
-        lo, hi = (float(y.min()), float(y.max())) if len(y) else (0.0, 0.0)
+        if self.year_range is not None:
+            lo, hi = (float(v) for v in self.year_range)
+        else:
+            lo, hi = (float(y.min()), float(y.max())) if len(y) else (0.0, 0.0)
         f = (y - lo) / (hi - lo) if hi > lo else np.zeros_like(y)
         return np.append(f, 0.0)
 

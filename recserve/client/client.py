@@ -357,6 +357,22 @@ def _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, ex
     return out
 
 
+def _rules_of(options: dict[str, np.ndarray]):
+    """The `recserve.rules.Rules` the embedded `recommend` reads from the same option tensors."""
+    from recserve.rules import Rules
+
+    def get(name, default):
+        return options[name].reshape(-1)[0].item() if name in options else default
+
+    mode = {0: "none", 1: "epsilon", 2: "softmax"}[int(get("explore", 0))]
+    param = float(get("explore_param", 0.1 if mode == "epsilon" else 1.0))
+    return Rules(exclude=tuple(int(x) for x in options["exclude"][0]) if "exclude" in options else (),
+                 max_per_genre=int(get("max_per_genre", 0)), mmr_lambda=float(get("mmr_lambda", 1.0)),
+                 freshness=float(get("freshness", 0.0)), explore=mode,
+                 epsilon=param if mode == "epsilon" else 0.1, temperature=param if mode == "softmax" else 1.0,
+                 seed=int(get("seed", 0)) if mode != "none" else None)
+
+
 def _now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -436,6 +452,8 @@ class RecClient:
         self.cache_hits = self.cache_misses = 0
         self._options_served: bool | None = None
         self._config: tuple[float, dict[str, Any]] | None = None
+        self._years: tuple[float, float] | None = None
+        self.fallbacks = 0          # pipeline mode: answers served in the retrieval order (the ranker failed)
         urls = [u.strip().removeprefix("http://") if protocol == "http" else u.strip()
                 for u in self.url.split(",") if u.strip()] if isinstance(self.url, str) else []
         if not urls:
@@ -530,7 +548,8 @@ class RecClient:
             k: how many items, 1..k_max.
             hour: hour of the request, 0..23; default now (UTC).
             weekday: day of the request, 0 = Monday .. 6; default today (UTC).
-            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step; no options below).
+            mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step, then the rules and exploration
+                applied here; not ``history`` or ``segment``).
             titles: also look the items' titles up (one more call, off the hot path, cached).
             history: the user's recent raw item ids, newest last (personalises an unknown user).
             segment: an unknown user's attribute codes, in the data set's order (popular in that segment).
@@ -558,8 +577,8 @@ class RecClient:
             high = self._k_max if self._k_max is not None else "k_max (the most items the server returns)"
             raise ClientError(f"k={k!r} is out of range: choose 1..{high}")
         options = _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, explore, seed)
-        if options and mode != "ensemble":
-            raise ClientError("history, segment, rules and exploration are served by `recommend`: use "
+        if mode != "ensemble" and ({"history", "segment"} & set(options)):
+            raise ClientError("history and segment (a user the model never saw) are served by `recommend`: use "
                               "mode='ensemble'")
         exploring = "explore" in options
         key = (int(user_id), int(k), hour, weekday, mode, titles, _freeze(options))
@@ -576,15 +595,15 @@ class RecClient:
                 "k": _one(k, np.int32),
                 "hour": _one(hour, np.int64),
                 "weekday": _one(weekday, np.int64),
-                **options,
             }
             if mode == "ensemble":
+                inputs.update(options)
                 wanted = RESPONSE + (OPTION_RESPONSE if self._has_options() else ())
                 arm_version = self._arm_version(int(user_id))
                 out = self._transport.infer(spec.ENSEMBLE, inputs, wanted,
                                             **({"version": arm_version} if arm_version else {}))
             else:
-                out = self._pipeline(inputs)
+                out = self._pipeline(inputs, options, k)
         except ServerError:
             if self._fallback is None:
                 raise
@@ -659,10 +678,63 @@ class RecClient:
         """:meth:`recommend` for each user in turn (one request per user, same arguments)."""
         return [self.recommend(user, k=k, hour=hour, weekday=weekday, mode=mode) for user in user_ids]
 
-    def _pipeline(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The ensemble's steps, one call each, wired as the serving spec wires them on the server."""
+    def _pipeline(self, inputs: dict[str, np.ndarray], options: dict[str, np.ndarray], k: int
+                  ) -> dict[str, np.ndarray]:
+        """The ensemble's steps, one call each, wired as the serving spec wires them on the server; then the
+        rules and exploration of `recserve.rules` here, as the embedded `recommend` applies them.
+
+        When the last step (the ranker) fails, the retrieval order is served (`source` "fallback"), with raw ids
+        from the `catalogue`; a failing retrieval raises ServerError (the `fallback` file then answers)."""
+        from recserve.ranking import top_positions
+
+        rules = _rules_of(options)
         tensors = dict(inputs)
-        for step, wiring in spec.wiring():
-            feed = {name: tensors[source] for name, source in wiring.items() if source in tensors}
-            tensors.update(self._transport.infer(step.name, feed, step.output_names))
-        return {name: tensors[name] for name in RESPONSE}
+        if rules.reorders or rules.exclude:       # the rules choose k of the ranker's k_max best, as on the server
+            tensors["k"] = _one(self.k_max(), np.int32)
+        steps = spec.wiring()
+        source = "personalized"
+        for n, (step, wiring) in enumerate(steps):
+            feed = {name: tensors[src] for name, src in wiring.items() if src in tensors}
+            try:
+                tensors.update(self._transport.infer(step.name, feed, step.output_names))
+            except ServerError:
+                if n < len(steps) - 1 or "cand_idx" not in tensors:
+                    raise
+                self.fallbacks += 1
+                cand, blend = tensors["cand_idx"][0], tensors["cand_src"][0, :, 0]
+                pos = top_positions(np.where(cand >= 0, blend, -np.inf)[None, :], self.k_max())[0]
+                pos = pos[cand[pos] >= 0]
+                raw = self._items(item_idx=cand[pos])["raw_item_ids"]
+                tensors["item_ids"], tensors["scores"] = raw[None, :], blend[pos][None, :].astype(np.float32)
+                source = "fallback"
+        out = {name: tensors[name] for name in RESPONSE}
+        out["source"] = np.array([[source.encode()]], dtype=object)
+        if rules.reorders or rules.exclude:
+            from recserve.rules import ItemTable, apply_rules
+
+            table = None
+            ids = out["item_ids"]
+            if rules.needs_items:
+                real = ids[0][ids[0] >= 0]
+                meta = self._items(item_ids=real)
+                table = ItemTable.build(real, meta["item_genres"], meta["item_year"], meta["item_vec"],
+                                        year_range=self._year_range())
+            got, scores, prop = apply_rules(ids, out["scores"], k, rules, table)
+            out.update(item_ids=got, scores=scores, propensity=prop)
+        return out
+
+    def _items(self, **by: np.ndarray) -> dict[str, np.ndarray]:
+        """The catalogue's rows (titles, raw ids, genres, years, vectors) of raw ids or dense indices."""
+        (name, values), = by.items()
+        wanted = [t.name for t in spec.step("catalogue").outputs]
+        if len(values) == 0:
+            return {n: np.zeros((0,), np.int64) for n in wanted}
+        out = self._transport.infer("catalogue", {name: np.asarray(values, np.int64)[None, :]}, wanted)
+        return {n: v[0] for n, v in out.items()}
+
+    def _year_range(self) -> tuple[float, float]:
+        """The catalogue's year range (its config), which the freshness rule scales by; cached."""
+        if self._years is None:
+            params = self._transport.model_config("catalogue").get("parameters", {})
+            self._years = (float(params["year_min"]["string_value"]), float(params["year_max"]["string_value"]))
+        return self._years

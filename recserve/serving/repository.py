@@ -249,14 +249,18 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         queries = _user_queries(retrieval / "user_tower.onnx", blend, view)
         fetch_k = min(len(items), sizes["K"] + int(np.diff(tables.seen_indptr).max(initial=0)))
         index_info = _write_index(retrieval, items, opts, queries, fetch_k, version)
-        np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles)
+        np.savez(version_dir("catalogue") / "items.npz", item_ids=tables.item_ids, titles=tables.titles,
+                 genres=tables.genres, year=tables.year, vectors=tables.item_vec)
         cold = _write_cold_start(retrieval, artifacts, opts.view, tables, files["user_tower"])
         _write_fallback(tmp / "fallback.json", cold, tables, sizes["KMAX"])
         shutil.copy(tmp / "fallback.json", tmp / "catalogue" / str(version) / "fallback.json")   # for a rollback
         squeeze = {"item_tower": ("item_idx", "item_year")}
         n_users, n_items = str(len(tables.user_ids)), str(len(tables.item_ids))
         bounds = {"ranker": {"n_users": n_users, "n_items": n_items, "k_max": str(sizes["KMAX"])},
-                  "item_tower": {"n_items": n_items, "n_year_buckets": str(_year_buckets(files["item_tower"]))}}
+                  "item_tower": {"n_items": n_items, "n_year_buckets": str(_year_buckets(files["item_tower"]))},
+                  # the year range the rules' freshness is scaled by (recserve.rules.ItemTable), for clients
+                  "catalogue": {"year_min": str(int(tables.year.min())) if len(tables.year) else "0",
+                                "year_max": str(int(tables.year.max())) if len(tables.year) else "0"}}
         for s in spec.STEPS:
             _write_config(tmp, s.name, model_config(s.name, sizes, opts, squeeze.get(s.name, ()), bounds.get(s.name)),
                           shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None,

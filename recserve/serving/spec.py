@@ -153,10 +153,16 @@ STEPS = (
          files=("model.onnx",), params=("intra_op_threads", "n_items", "n_year_buckets"), on_path=False,
          doc="embeds items (new ones too); the index must come from this tower"),
     Step("catalogue", "python", "user",
-         inputs=(Tensor("item_ids", "INT64", (-1,)),),
-         outputs=(Tensor("titles", "BYTES", (-1,), doc="\"\" for an unknown id"),),
-         files=("items.npz",), on_path=False,
-         doc="titles for display, off the hot path"),
+         inputs=(Tensor("item_ids", "INT64", (-1,), optional=True, doc="raw ids"),
+                 Tensor("item_idx", "INT64", (-1,), optional=True, doc="or dense indices (as cand_idx)")),
+         outputs=(Tensor("titles", "BYTES", (-1,), doc="\"\" for an unknown id"),
+                  Tensor("raw_item_ids", "INT64", (-1,), doc="-1 for an unknown id"),
+                  Tensor("item_genres", "FP32", (-1, "G"), doc="multi-hot"),
+                  Tensor("item_year", "INT64", (-1,), doc="year bucket, 0 = unknown"),
+                  Tensor("item_vec", "FP32", (-1, "D"), doc="the item tower's vector")),
+         files=("items.npz",), params=("year_min", "year_max"), on_path=False,
+         doc="items for display and for rules a client applies (pipeline mode), off the hot path: by raw id or "
+             "by dense index; `year_min` / `year_max` (config) are the catalogue's year range"),
 )
 
 

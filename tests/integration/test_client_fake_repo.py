@@ -149,10 +149,17 @@ MODELS_PY = {
         """,
     "catalogue": """
         def run(inputs, params):
-            known = dict(zip(ITEM_IDS.tolist(), TITLES))
-            ids = inputs["item_ids"]
-            titles = [known.get(int(i), "").encode("utf-8") for i in ids.reshape(-1)]
-            return {"titles": np.array(titles, dtype=np.object_).reshape(ids.shape)}
+            if "item_idx" in inputs:
+                rows = inputs["item_idx"]
+            else:
+                ids = inputs["item_ids"]
+                pos = np.clip(np.searchsorted(ITEM_IDS, ids), 0, len(ITEM_IDS) - 1)
+                rows = np.where(ITEM_IDS[pos] == ids, pos, len(ITEM_IDS))
+            ext = lambda a: np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)])  # noqa: E731
+            titles = np.array([t.encode("utf-8") for t in TITLES] + [b""], dtype=np.object_)
+            return {"titles": titles[rows], "raw_item_ids": np.append(ITEM_IDS, -1).astype(np.int64)[rows],
+                    "item_genres": ext(ITEM_GENRES)[rows], "item_year": np.zeros(rows.shape, np.int64),
+                    "item_vec": ext(ITEM_VECS)[rows]}
         """,
 }
 

@@ -151,3 +151,37 @@ def test_an_unreachable_server_is_answered_from_the_fallback_file_in_bounded_tim
     assert took < 5.0
     with RecClient(f"127.0.0.1:{free_port()}", "http", timeout=1.0) as client, pytest.raises(ServerError):
         client.recommend(1, k=5)                                    # without the file: the error, as before
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("options", [
+    {"exclude": "first"}, {"max_per_genre": 1}, {"mmr_lambda": 0.6}, {"freshness": 2.0},
+    {"max_per_genre": 2, "mmr_lambda": 0.7, "freshness": 0.5, "exclude": "first"},
+    {"explore": "epsilon:0.3", "seed": 11}, {"explore": "softmax:0.5", "seed": 3, "max_per_genre": 2},
+])
+def test_the_client_pipeline_applies_the_rules_and_exploration_as_recommend_does(served, known, protocol, options):
+    changed = []
+    with RecClient(served.url(protocol), protocol) as client:
+        for user in known[:3]:
+            opts = dict(options)
+            if opts.get("exclude") == "first":
+                opts["exclude"] = client.recommend(user, k=3, hour=9, weekday=1).item_ids[:2]
+            ens = client.recommend(user, k=8, hour=9, weekday=1, **opts)
+            pipe = client.recommend(user, k=8, hour=9, weekday=1, mode="pipeline", **opts)
+            assert pipe.item_ids == ens.item_ids and pipe.source == ens.source == "personalized"
+            np.testing.assert_allclose([i.score for i in pipe.items], [i.score for i in ens.items], rtol=1e-5)
+            if "explore" in opts:
+                np.testing.assert_allclose([i.propensity for i in pipe.items], [i.propensity for i in ens.items],
+                                           rtol=1e-6)
+            plain = client.recommend(user, k=8, hour=9, weekday=1, mode="pipeline")
+            assert "exclude" not in opts or not set(opts["exclude"]) & set(pipe.item_ids)
+            assert len(pipe.items) == 8
+            changed.append(plain.item_ids != pipe.item_ids)
+    assert any(changed), "the options changed no list: the comparison above proves nothing"
+
+
+def test_the_client_pipeline_refuses_history_and_segment_naming_the_mode_that_serves_them(served, known):
+    from recserve.errors import ClientError
+
+    with RecClient(served.url("grpc")) as client, pytest.raises(ClientError, match="use mode='ensemble'"):
+        client.recommend(UNKNOWN, k=5, mode="pipeline", history=[known[0]])

@@ -255,3 +255,35 @@ def test_shed_requests_map_to_overloaded_and_are_retried_with_backoff_within_the
         InferenceServerException("overloaded", status="StatusCode.UNAVAILABLE")))
     with pytest.raises(Overloaded):
         transport.infer("recommend", {"user_id": np.array([[1]])}, ("item_ids",))
+
+
+def test_pipeline_mode_serves_the_retrieval_order_when_the_ranker_fails_and_applies_the_rules():
+    """The client's own fallback: the blend order of the candidates, their raw ids from the catalogue."""
+    client = RecClient(f"127.0.0.1:{free_port()}", protocol="http", k_max=5)
+    cand = np.array([[4, 2, -1, 7, 0]], np.int64)
+    src = np.zeros((1, 5, 3), np.float32)
+    src[0, :, 0] = [0.1, 0.9, 0.8, 0.5, 0.3]                 # the padding's 0.8 must not count
+    calls = []
+
+    def infer(model, inputs, outputs, version=""):
+        calls.append(model)
+        if model == "retrieval":
+            return {"user_idx": np.array([[0]]), "user_vec": np.zeros((1, 2), np.float32),
+                    "context_hour": np.array([[1]]), "context_weekday": np.array([[1]]), "cand_idx": cand,
+                    "cand_src": src}
+        if model == "ranker":
+            raise ServerError("the ranker failed")
+        assert model == "catalogue"
+        idx = inputs["item_idx"][0] if "item_idx" in inputs else (inputs["item_ids"][0] - 100) // 10
+        return {"raw_item_ids": (idx * 10 + 100)[None], "titles": np.array([[b""] * len(idx)], dtype=object),
+                "item_genres": np.eye(3, dtype=np.float32)[idx % 3][None],
+                "item_year": np.zeros((1, len(idx)), np.int64),
+                "item_vec": np.zeros((1, len(idx), 2), np.float32)}
+
+    client._transport.infer = infer
+    rec = client.recommend(1, k=3, hour=1, weekday=1, mode="pipeline")
+    assert rec.source == "fallback" and rec.item_ids == [120, 170, 100] and client.fallbacks == 1
+    assert [round(i.score, 3) for i in rec.items] == [0.9, 0.5, 0.3]
+    assert calls == ["retrieval", "ranker", "catalogue"]
+    excluded = client.recommend(1, k=3, hour=1, weekday=1, mode="pipeline", exclude=[170])
+    assert excluded.item_ids == [120, 100, 140] and excluded.source == "fallback"

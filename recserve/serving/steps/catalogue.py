@@ -1,4 +1,9 @@
-"""Titles for display, off the request path: raw item ids in, titles out ("" for an unknown id)."""
+"""Items for display and for the rules a client applies itself, off the request path.
+
+Raw item ids (or dense indices, as retrieval's `cand_idx`) in; titles, raw ids, genres, year buckets and item
+vectors out ("" / -1 / zeros for an unknown id). The client's pipeline mode reads them to apply
+`recserve.rules` to the ranker's list, and to map the retrieval order to raw ids when the ranker fails.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,27 @@ class Catalogue:
     def __init__(self, version_dir: Path):
         with np.load(version_dir / "items.npz") as z:
             self.item_ids = z["item_ids"]
+            n = len(self.item_ids)
             self.titles = np.array([t.encode("utf-8") for t in z["titles"]] + [b""], dtype=object)
+            # one extra row for an unknown id
+            self.raw = np.append(self.item_ids, -1).astype(np.int64)
+            self.genres = np.concatenate([z["genres"], np.zeros((1, z["genres"].shape[1]), np.float32)]) \
+                .astype(np.float32)
+            self.year = np.append(z["year"], 0).astype(np.int64)
+            self.vectors = np.concatenate([z["vectors"], np.zeros((1, z["vectors"].shape[1]), np.float32)]) \
+                .astype(np.float32)
+        self.n = n
+
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, self.n - 1)
+        return np.where(self.item_ids[pos] == item_ids, pos, self.n)
 
     def __call__(self, item_ids: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, len(self.item_ids) - 1)
-        return self.titles[np.where(self.item_ids[pos] == item_ids, pos, len(self.item_ids))]
+        return self.titles[self.rows(item_ids)]
+
+    def lookup(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"titles": self.titles[rows], "raw_item_ids": self.raw[rows], "item_genres": self.genres[rows],
+                "item_year": self.year[rows], "item_vec": self.vectors[rows]}
 
 
 class TritonPythonModel(BatchedModel):
@@ -30,9 +51,20 @@ class TritonPythonModel(BatchedModel):
     MAX_IDS = spec.MAX_WIDTH
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        if inputs["item_ids"].shape[-1] > self.MAX_IDS:
-            raise RequestError(f"item_ids holds {inputs['item_ids'].shape[-1]} ids: ask for at most {self.MAX_IDS} "
-                               "titles per request")
+        given = [n for n in ("item_ids", "item_idx") if n in inputs]
+        if len(given) != 1:
+            raise RequestError("send item_ids (raw ids) or item_idx (dense indices), one of the two")
+        name = given[0]
+        if inputs[name].shape[-1] > self.MAX_IDS:
+            raise RequestError(f"{name} holds {inputs[name].shape[-1]} ids: ask for at most {self.MAX_IDS} "
+                               "items per request")
+        if name == "item_idx":
+            idx = inputs[name]
+            if idx.size and (idx.min() < 0 or idx.max() >= self.catalogue.n):
+                raise RequestError(f"item_idx must be in 0..{self.catalogue.n - 1} (the catalogue's dense "
+                                   f"indices), got {int(idx.min())}..{int(idx.max())}")
 
     def compute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"titles": self.catalogue(inputs["item_ids"])}
+        if "item_idx" in inputs:
+            return self.catalogue.lookup(inputs["item_idx"])
+        return self.catalogue.lookup(self.catalogue.rows(inputs["item_ids"]))
