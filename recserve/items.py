@@ -124,7 +124,7 @@ def _grow(rows: np.ndarray, new_index: np.ndarray, n: int) -> np.ndarray:
 
 
 def _grow_checkpoint(path: Path, dst: Path, new_index: np.ndarray, n: int, fingerprint: str,
-                     item_ids: list[int]) -> None:
+                     item_ids: list[int], titles: np.ndarray) -> None:
     import torch
 
     from recserve.models import MODEL_CLASSES
@@ -146,6 +146,12 @@ def _grow_checkpoint(path: Path, dst: Path, new_index: np.ndarray, n: int, finge
         out[idx] = w[:-1]
         out[-1] = w[-1]
         state[name] = out
+    if "item_tower.title_tokens" in state:      # `train --titles`: every item's title words, the new ones' too
+        from recserve.data.dataset import title_tokens
+
+        length = state["item_tower.title_tokens"].shape[1]
+        state["item_tower.title_tokens"] = torch.as_tensor(
+            title_tokens(titles, length, int(ckpt["model_args"]["title_vocab"])))
     ckpt["model_args"] = {**ckpt["model_args"], "n_items": n}
     cls, cfg_cls = MODEL_CLASSES[kind]
     cls(cfg_cls(**ckpt["model_args"])).load_state_dict(state)      # strict: every shape fits the new catalogue
@@ -213,7 +219,7 @@ def add_items(artifacts: Path, new: NewItems, out: Path, precision: str = "fp32"
         grown.save(tmp / "dataset.npz")
         ids = grown.item_ids.tolist()
         for ckpt in sorted(artifacts.glob("*.pt")):
-            _grow_checkpoint(ckpt, tmp / ckpt.name, moved, n, fingerprint, ids)
+            _grow_checkpoint(ckpt, tmp / ckpt.name, moved, n, fingerprint, ids, grown.titles)
         _grow_sources(artifacts / "sources.npz", tmp / "sources.npz", moved, n)
         if (artifacts / "popularity.npz").exists():
             counts = np.load(artifacts / "popularity.npz")["counts"]

@@ -29,6 +29,8 @@ class TowerConfig:
     id_dim: int = 64
     hidden: int = 256
     temperature: float = 0.05
+    title_vocab: int = 0   # > 0: the item tower also reads its title's words (hashed; recserve.data.title_tokens)
+    title_len: int = 8
 
 
 def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
@@ -67,7 +69,12 @@ class ItemTower(nn.Module):
         self.item_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
         self.genre_proj = nn.Linear(cfg.n_genres, 16, bias=False)
         self.year_emb = nn.Embedding(cfg.n_year_buckets, 8)
-        self.mlp = _mlp([cfg.id_dim + 16 + 8, cfg.hidden, cfg.dim])
+        self.titles = cfg.title_vocab > 0
+        if self.titles:   # each item's title words, a table like the id embedding's (filled by training)
+            self.word_emb = nn.Embedding(cfg.title_vocab, 16, padding_idx=0)
+            nn.init.zeros_(self.word_emb.weight)   # a word no trained item has stays 0, not random noise
+            self.register_buffer("title_tokens", torch.zeros((cfg.n_items, cfg.title_len), dtype=torch.long))
+        self.mlp = _mlp([cfg.id_dim + 16 + 8 + (16 if self.titles else 0), cfg.hidden, cfg.dim])
 
     def forward(self, item_idx: torch.Tensor, genres: torch.Tensor, year: torch.Tensor,
                 id_keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,8 +83,12 @@ class ItemTower(nn.Module):
         ids = self.item_emb(item_idx)
         if id_keep is not None:
             ids = ids * id_keep
-        x = torch.cat([ids, self.genre_proj(genres), self.year_emb(year)], dim=-1)
-        return F.normalize(self.mlp(x), dim=-1)
+        parts = [ids, self.genre_proj(genres), self.year_emb(year)]
+        if self.titles:
+            words = self.title_tokens[item_idx]                                     # (B, T)
+            mask = (words > 0).float().unsqueeze(-1)
+            parts.append((self.word_emb(words) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
 class TwoTower(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recserve import checkpoint
-from recserve.data.dataset import TRAIN, VALID, Dataset, build_dataset
+from recserve.data.dataset import TITLE_LEN, TITLE_VOCAB, TRAIN, VALID, Dataset, build_dataset, title_tokens
 from recserve.errors import ArtifactError
 from recserve.evaluate import Evaluator
 from recserve.models import MatrixFactorization, MFConfig, Ranker, RankerConfig, TowerConfig, TwoTower
@@ -53,6 +53,7 @@ class TrainConfig:
     temperature: float = 0.05
     id_dropout: float = 0.0      # share of training examples whose item id embedding is dropped (content only)
     id_dropout_grid: tuple[float, ...] = (0.0, 0.2)   # `train_all` trains the towers with each, keeps the best
+    titles: bool = False          # the item tower reads title words too
     mf_epochs: int = 40
     mf_batch: int = 4096
     mf_lr: float = 5e-3
@@ -155,7 +156,8 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
     torch.manual_seed(cfg.seed)      # each setting `best_two_tower` tries starts from the same weights
     rng = np.random.default_rng(cfg.seed)
     model = TwoTower(TowerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards,
-                                 dim=cfg.dim, temperature=cfg.temperature))
+                                 dim=cfg.dim, temperature=cfg.temperature,
+                                 title_vocab=TITLE_VOCAB if cfg.titles else 0, title_len=TITLE_LEN))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.tower_lr)
     rows = np.flatnonzero(ds.mask(TRAIN))
     hist = torch.as_tensor(ds.rolling_history(rows, model.cfg.history_len))      # (N, H)
@@ -166,6 +168,8 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
     log_q = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
     if cfg.resume:
         warm_start(model, Path(cfg.resume) / "two_tower.pt", ds)
+    if cfg.titles:                                  # this data's titles, whatever an earlier run had
+        model.item_tower.title_tokens.copy_(torch.as_tensor(title_tokens(ds.titles)))
     with torch.no_grad():   # an id no training row has would stay random noise: zero (gradients never reach it)
         cold = torch.as_tensor(counts == 1.0)
         model.item_tower.item_emb.weight[cold] = 0.0

@@ -155,6 +155,30 @@ def tie_order(user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+TITLE_LEN, TITLE_VOCAB = 8, 4096   # title tokens per item (hashed into TITLE_VOCAB - 1 buckets; 0 pads)
+_STOP = frozenset("the a an of and in on to for with at by from is it la le les de du des el los das der die und"
+                  .split())
+
+
+def title_tokens(titles, length: int = TITLE_LEN, vocab: int = TITLE_VOCAB) -> np.ndarray:
+    """(I, length) int64 hashed word ids of each title, in order, 0-padded: lower case, letters and digits, no stop
+    words, no years or other bare numbers (a title's "(1995)" is the year feature's business), each word once."""
+    import re
+    import zlib
+
+    out = np.zeros((len(titles), length), np.int64)
+    for i, title in enumerate(titles):
+        words = []
+        for w in re.findall(r"[a-z0-9]+", str(title).lower()):
+            if w in _STOP or w.isdigit() or len(w) < 2 or w in words:
+                continue
+            words.append(w)
+            if len(words) == length:
+                break
+        out[i, :len(words)] = [zlib.crc32(w.encode()) % (vocab - 1) + 1 for w in words]
+    return out
+
+
 def year_bucket(year: np.ndarray) -> np.ndarray:
     year = np.asarray(year, dtype=np.int64)
     b = np.clip((year - YEAR_MIN) // 5 + 1, 1, N_YEAR_BUCKETS - 1)

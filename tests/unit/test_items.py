@@ -173,3 +173,19 @@ def test_items_add_refuses_artifacts_the_live_version_was_not_built_from(grown, 
     with pytest.raises(ArtifactError, match="already exists"):
         add_items(new_dir, read_items(tmp_path / "more.csv", Dataset.load(new_dir / "dataset.npz").genre_names,
                                       Dataset.load(new_dir / "dataset.npz").item_ids), new_dir)
+
+
+def test_a_tower_that_reads_titles_gets_the_new_items_title_words(tmp_path):
+    from recserve import checkpoint
+    from recserve.data.dataset import title_tokens
+    from recserve.items import _grow_checkpoint
+    from recserve.models import TowerConfig, TwoTower
+
+    titles = np.array(["Alpha Movie", "Beta Story", "Gamma"])
+    model = TwoTower(TowerConfig(4, 3, 2, [2], title_vocab=64, title_len=4))
+    model.item_tower.title_tokens.copy_(torch.as_tensor(title_tokens(titles, 4, 64)))
+    checkpoint.save(model, "two_tower", tmp_path / "a.pt", "f1")
+    grown_titles = np.array(["New Story", "Alpha Movie", "Beta Story", "Gamma"])     # the new item sorts first
+    _grow_checkpoint(tmp_path / "a.pt", tmp_path / "b.pt", np.array([1, 2, 3]), 4, "f2", [0, 1, 2, 3], grown_titles)
+    grown, _ = checkpoint.load(tmp_path / "b.pt", "f2")
+    np.testing.assert_array_equal(grown.item_tower.title_tokens.numpy(), title_tokens(grown_titles, 4, 64))

@@ -211,3 +211,34 @@ def test_dropping_the_item_id_is_the_tower_with_that_id_embedding_zeroed():
     torch.testing.assert_close(dropped[keep[:, 0] == 1], model.item_tower(idx, genres, year)[keep[:, 0] == 1])
     model.item_tower.item_emb.weight[idx[keep[:, 0] == 0]] = 0.0
     torch.testing.assert_close(dropped, model.item_tower(idx, genres, year))
+
+
+def test_title_words_are_read_from_the_towers_own_table_and_exported_to_onnx(tmp_path: Path):
+    import onnxruntime as ort
+
+    from recserve.data.dataset import title_tokens
+    from recserve.export.onnx import export_model
+
+    words = title_tokens(["The Story of Toy (1995)", "Toy Story 2", "Heat", "the of a (1999)"], length=4, vocab=64)
+    assert (words[0] > 0).sum() == 2                                          # "story", "toy"; no stop words
+    assert set(words[0][:2]) == set(words[1][:2]) and (words[3] == 0).all()   # no words at all: padding
+    torch.manual_seed(0)
+    tower = TwoTower(TowerConfig(U, N_ITEMS, G, CARDS, history_len=H, dim=D, id_dim=8, hidden=16, title_vocab=64,
+                                 title_len=4)).item_tower.eval()
+    assert float(tower.word_emb.weight.abs().sum()) == 0.0                    # an untrained word is 0, not noise
+    torch.nn.init.normal_(tower.word_emb.weight)
+    table = np.zeros((N_ITEMS, 4), np.int64)
+    table[:4] = words
+    tower.title_tokens.copy_(torch.as_tensor(table))
+    idx, genres, year = _item_inputs(6)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.no_grad():
+        before = tower(idx, genres, year)
+        tower.title_tokens[2] = tower.title_tokens[0]                         # another title: another vector
+        after = tower(idx, genres, year)
+    assert not torch.allclose(before[2], after[2]) and torch.allclose(before[[0, 1, 3]], after[[0, 1, 3]])
+    path = tmp_path / "item_tower.onnx"
+    example = {"item_idx": idx.numpy(), "item_genres": genres.numpy(), "item_year": year.numpy()}
+    export_model(tower, "item_tower", example, path)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, example)[0]
+    np.testing.assert_allclose(got, after.numpy(), atol=1e-5)
