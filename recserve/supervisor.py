@@ -130,6 +130,7 @@ class Supervisor:
         self.interval, self.canary_every, self.canary_timeout = interval, canary_every, canary_timeout
         self.repository = Path(repository)
         self.canaries = Canaries(repository)
+        self.canaries_answered: dict[str, int] = {}   # per model: canaries answered (its inference counts hold them)
         self.on_swap, self.before_swap = on_swap, before_swap
         self._manifest_seen: tuple[tuple[int, int], tuple[int, str]] | None = None
         self.serving = self._live()                  # (version, A/B split) the server serves
@@ -189,6 +190,7 @@ class Supervisor:
             except requests.RequestException as exc:
                 failed[model] = f"canary failed: {type(exc).__name__}"
                 continue
+            self.canaries_answered[model] = self.canaries_answered.get(model, 0) + 1
             if r.status_code != 200:
                 failed[model] = f"canary answered {r.status_code}: {r.text[:200]}"
             elif model == "retrieval":

@@ -85,6 +85,8 @@ def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
     models = ("recommend",)      # the embedded flavor's one-process path
+    canaries = served.server.supervisor.canaries_answered    # the supervisor's own requests count too
+    canaries_before = {m: canaries.get(m, 0) for m in models}
     start = {m: before(m) for m in models}
     users = user_ids(served, 20)
 
@@ -98,7 +100,9 @@ def test_dynamic_batching_forms_batches_under_concurrent_requests(served):
         assert all(n == 5 for n in pool.map(call, [(u, h) for h in range(8) for u in users]))
     for m in models:
         inferences, executions = (a - b for a, b in zip(before(m), start[m]))
-        assert inferences == len(users) * 8, m
+        extra = canaries.get(m, 0) - canaries_before[m]
+        # one canary may straddle a snapshot: counted by Triton in the window, answered after it
+        assert len(users) * 8 <= inferences <= len(users) * 8 + extra + 1, (m, inferences, extra)
         assert executions < inferences, f"{m}: {executions} executions for {inferences} inferences: no batching"
 
 
