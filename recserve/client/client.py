@@ -549,7 +549,7 @@ class RecClient:
             hour: hour of the request, 0..23; default now (UTC).
             weekday: day of the request, 0 = Monday .. 6; default today (UTC).
             mode: ``"ensemble"`` (one call) or ``"pipeline"`` (one call per step, then the rules and exploration
-                applied here; not ``history`` or ``segment``).
+                applied here; a user the model never saw is answered by ``recommend``'s cold start).
             titles: also look the items' titles up (one more call, off the hot path, cached).
             history: the user's recent raw item ids, newest last (personalises an unknown user).
             segment: an unknown user's attribute codes, in the data set's order (popular in that segment).
@@ -562,7 +562,8 @@ class RecClient:
 
         Raises:
             ClientError: a bad argument (before any inference call) or a request the server rejected.
-            UnknownUserError: pipeline mode, for a user the model does not know.
+            UnknownUserError: pipeline mode, for a user the model does not know, when the served ``recommend`` has
+                no cold start (the native flavor).
             ServerError: no server answers, or it timed out (unless a ``fallback`` file was given).
         """
         if mode not in MODES:
@@ -577,9 +578,6 @@ class RecClient:
             high = self._k_max if self._k_max is not None else "k_max (the most items the server returns)"
             raise ClientError(f"k={k!r} is out of range: choose 1..{high}")
         options = _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, explore, seed)
-        if mode != "ensemble" and ({"history", "segment"} & set(options)):
-            raise ClientError("history and segment (a user the model never saw) are served by `recommend`: use "
-                              "mode='ensemble'")
         exploring = "explore" in options
         key = (int(user_id), int(k), hour, weekday, mode, titles, _freeze(options))
         if self.cache_ttl and not exploring:
@@ -603,7 +601,14 @@ class RecClient:
                 out = self._transport.infer(spec.ENSEMBLE, inputs, wanted,
                                             **({"version": arm_version} if arm_version else {}))
             else:
-                out = self._pipeline(inputs, options, k)
+                try:
+                    out = self._pipeline(inputs, options, k)
+                except UnknownUserError:
+                    if not self._has_options():     # the native flavor's `recommend` has no cold start either
+                        raise
+                    # a user the model never saw: the steps cannot rank for them; the embedded `recommend`'s cold
+                    # start answers (popular in context, the segment's, or from `history`), and `source` says which
+                    out = self._transport.infer(spec.ENSEMBLE, {**inputs, **options}, RESPONSE + OPTION_RESPONSE)
         except ServerError:
             if self._fallback is None:
                 raise

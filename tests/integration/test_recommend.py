@@ -10,7 +10,7 @@ import requests
 import tritonclient.grpc as grpcclient
 
 from recserve.client import RecClient
-from recserve.errors import ClientError, UnknownUserError
+from recserve.errors import ClientError
 from recserve.reference import Reference
 
 PROTOCOLS = ("grpc", "http")
@@ -150,10 +150,11 @@ def test_context_is_optional_and_defaults_to_the_current_utc_time(served):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_unknown_user_in_pipeline_mode_and_bad_k_get_clear_typed_errors(served, protocol):
+def test_unknown_user_in_pipeline_mode_gets_the_cold_start_and_bad_k_a_clear_typed_error(served, protocol):
     with RecClient(served.url(protocol), protocol) as client:
-        with pytest.raises(UnknownUserError, match="unknown user_id 987654321"):
-            client.recommend(987654321, k=5, mode="pipeline")   # `recommend` answers them (test_request_time)
+        cold = client.recommend(987654321, k=5, hour=3, weekday=2, mode="pipeline")
+        assert cold.source == "popular" and len(cold.items) == 5 and cold.mode == "pipeline"
+        assert cold.item_ids == client.recommend(987654321, k=5, hour=3, weekday=2).item_ids
         for bad_k in (0, served.manifest["k_max"] + 1):
             with pytest.raises(ClientError, match=f"k={bad_k}"):
                 client.recommend(user_ids(served, 1)[0], k=bad_k)

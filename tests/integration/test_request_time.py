@@ -180,8 +180,11 @@ def test_the_client_pipeline_applies_the_rules_and_exploration_as_recommend_does
     assert any(changed), "the options changed no list: the comparison above proves nothing"
 
 
-def test_the_client_pipeline_refuses_history_and_segment_naming_the_mode_that_serves_them(served, known):
-    from recserve.errors import ClientError
-
-    with RecClient(served.url("grpc")) as client, pytest.raises(ClientError, match="use mode='ensemble'"):
-        client.recommend(UNKNOWN, k=5, mode="pipeline", history=[known[0]])
+def test_the_client_pipeline_answers_a_user_the_model_never_saw_as_recommend_does(served):
+    items = np.load(served.repository / "catalogue" / "1" / "items.npz")["item_ids"][:3].tolist()
+    with RecClient(served.url("grpc")) as client:
+        for extra in ({"history": items}, {"segment": [1]}, {}):
+            pipe = client.recommend(UNKNOWN, k=5, hour=4, weekday=1, mode="pipeline", exclude=items[:1], **extra)
+            ens = client.recommend(UNKNOWN, k=5, hour=4, weekday=1, exclude=items[:1], **extra)
+            assert pipe.source == ens.source and pipe.item_ids == ens.item_ids and len(pipe.items) == 5
+            assert pipe.source == {"history": "history", "segment": "segment"}.get(next(iter(extra), ""), "popular")
