@@ -7,9 +7,9 @@ version: each user's recent items (the user tower's history input and the neighb
 the seen lists (a clicked item is not recommended again) and popularity (the blend's term, the popularity source,
 cold start). The trained weights stay: towers, ranker, ALS factors, the neighbour table (`recserve train`
 refits them). A click of a user or an item the artifacts do not know is counted and left out: an unknown user
-is served from `history` at request time; a new item joins with `recserve items add` (then its clicks fold in). Clicks up to the newest one already
-folded (`dataset.npz`'s `extra["folded_until"]`) are skipped, so running it again on a growing log adds only
-the new ones.
+is served from `history` at request time; a new item joins with `recserve items add` (then its clicks fold
+in). Clicks up to the newest one already folded (`dataset.npz`'s `extra["folded_until"]`) are skipped, so
+running it again on a growing log adds only the new ones.
 """
 
 from __future__ import annotations

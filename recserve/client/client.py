@@ -453,7 +453,7 @@ class RecClient:
         self._options_served: bool | None = None
         self._config: tuple[float, dict[str, Any]] | None = None
         self._years: tuple[float, float] | None = None
-        self.fallbacks = 0          # pipeline mode: answers served in the retrieval order (the ranker failed)
+        self.fallbacks = 0          # answers from the fallback file, or (pipeline mode) in retrieval order
         urls = [u.strip().removeprefix("http://") if protocol == "http" else u.strip()
                 for u in self.url.split(",") if u.strip()] if isinstance(self.url, str) else []
         if not urls:
@@ -668,6 +668,7 @@ class RecClient:
         return str(split[arm(user_id, float(split["share"]), str(split["salt"]))])
 
     def _from_fallback(self, user_id: int, k: int, mode: str) -> Recommendation:
+        self.fallbacks += 1
         items = [RecommendedItem(int(i["item_id"]), float(i["score"]), str(i.get("title", "")))
                  for i in self._fallback["items"][:k]]   # type: ignore[index]
         return Recommendation(user=user_id, mode=mode, items=items, source="fallback")

@@ -145,6 +145,7 @@ def test_an_unreachable_server_is_answered_from_the_fallback_file_in_bounded_tim
     t0 = time.monotonic()
     with RecClient(f"127.0.0.1:{free_port()}", "grpc", timeout=1.0, fallback=fallback) as client:
         rec = client.recommend(1, k=5)
+        assert client.fallbacks == 1                                # counted, as the server counts its own
     took = time.monotonic() - t0
     assert rec.source == "fallback" and len(rec.items) == 5
     assert rec.item_ids == [i["item_id"] for i in json.loads(fallback.read_text())["items"][:5]]
