@@ -25,7 +25,7 @@ import zlib
 from collections import defaultdict
 from pathlib import Path
 
-from recserve.deploy import _replace_file, _verified, _write_manifest, _write_text
+from recserve.deploy import _replace_file, _verified, _write_manifest, _write_text, locked
 from recserve.errors import ArtifactError
 
 MODEL = "recommend"
@@ -37,6 +37,7 @@ def arm(user_id: int, share: float, salt: str) -> str:
     return "b" if zlib.crc32(f"{salt}:{int(user_id)}".encode()) % BUCKETS < round(share * BUCKETS) else "a"
 
 
+@locked("repository")
 def start(repository: Path, b: int, share: float, salt: str | None = None) -> dict:
     """Serve version `b` of `recommend` to `share` of the users, the live version to the rest."""
     from recserve.serving.repository import parse, render_proto
@@ -67,6 +68,7 @@ def start(repository: Path, b: int, share: float, salt: str | None = None) -> di
     return split
 
 
+@locked("repository")
 def stop(repository: Path) -> dict:
     """End the split: `recommend` serves the live version alone again."""
     repository = Path(repository)

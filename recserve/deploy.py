@@ -20,10 +20,16 @@ request fails (`tests/integration/test_deploy.py` counts them under load). Each 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from recserve.errors import ArtifactError
@@ -32,6 +38,52 @@ KEEP = 3                           # versions a repository keeps after a deploy
 TOP_LEVEL = ("fallback.json", "README.md")   # files of the live version at the repository's top
 # Swap order: the step models first, the request's entry point (`recommend`, which may be an ensemble of them) last.
 SWAP_ORDER = ("catalogue", "item_tower", "ranker", "retrieval", "recommend")
+
+
+LOCK_TIMEOUT_S = 60.0               # how long a command waits for another one changing the same directory
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock of a directory that commands change (a repository, artifacts): `.NAME.lock` beside it, not in
+    it (the repository's files are all hashed). The kernel releases it when the holder exits, even killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout is None else timeout)
+    with open(lock, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise ArtifactError(f"{path} is being changed by another command ({holder} holds {lock}); "
+                                        "run one deploy, rollback, ab, update or items add at a time") from None
+                time.sleep(0.05)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def locked(arg: str):
+    """Run the function holding `exclusive(<its argument named arg>)`: one change of a directory at a time."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with exclusive(Path(sig.bind(*args, **kwargs).arguments[arg])):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def read_manifest(repository: Path) -> dict:
@@ -84,6 +136,7 @@ def _replace_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+@locked("repository")
 def deploy(artifacts: Path, repository: Path, opts=None, keep: int = KEEP) -> dict:
     """Add the artifacts as the repository's next version and make it live; a new repository gets version 1.
 
@@ -139,6 +192,7 @@ def _verified(repository: Path) -> dict:
     return manifest
 
 
+@locked("repository")
 def rollback(repository: Path, to: int | None = None) -> dict:
     """Make an earlier version live again: `to`, or the newest version older than the live one."""
     repository = Path(repository)

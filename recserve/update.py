@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from recserve.deploy import locked
 from recserve.errors import ArtifactError
 
 
+@locked("artifacts")
 def update(artifacts: Path, events: Path) -> dict:
     """Fold the log's new clicks into ARTIFACTS (dataset.npz and the serve view of sources.npz); returns counts."""
     from recserve.baselines import interactions

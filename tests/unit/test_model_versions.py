@@ -145,3 +145,36 @@ def test_verifying_survives_another_server_removing_byte_code_caches_meanwhile(r
     finally:
         stop.set()
         t.join(5)
+
+
+def test_one_change_of_a_repository_at_a_time_and_the_waiting_one_is_told_why(tmp_path, monkeypatch):
+    """deploy, rollback, ab and update take a lock beside the directory; a second one waits, then says who holds it."""
+    import os
+    import threading
+
+    import recserve.deploy as deploy_module
+    from recserve.deploy import exclusive
+    from recserve.update import update
+
+    monkeypatch.setattr(deploy_module, "LOCK_TIMEOUT_S", 0.3)
+    repo = tmp_path / "model_repository"
+    with exclusive(repo):
+        assert (tmp_path / ".model_repository.lock").read_text() == f"pid {os.getpid()}"
+        for call in (lambda: rollback(repo), lambda: deploy(tmp_path / "artifacts", repo)):
+            with pytest.raises(ArtifactError, match=r"is being changed by another command \(pid \d+ holds"):
+                call()
+    assert not (tmp_path / "model_repository").exists(), "nothing was written while the lock was held"
+    with exclusive(tmp_path / "artifacts"), pytest.raises(ArtifactError, match="being changed"):
+        update(tmp_path / "artifacts", tmp_path / "events.jsonl")
+    # released: the next one goes ahead (and fails on its own merits, here a missing repository)
+    with pytest.raises(ArtifactError) as err:
+        rollback(repo)
+    assert "being changed" not in str(err.value)
+    # a holder that lets go within the timeout is waited for
+    lock = exclusive(repo)
+    lock.__enter__()
+    threading.Timer(0.1, lambda: lock.__exit__(None, None, None)).start()
+    monkeypatch.setattr(deploy_module, "LOCK_TIMEOUT_S", 5.0)
+    with pytest.raises(ArtifactError) as err:
+        rollback(repo)
+    assert "being changed" not in str(err.value)
