@@ -274,6 +274,10 @@ def export_repository_cmd(
     artifacts: Path = typer.Option(..., "--artifacts", help="Directory `recserve train` and `export onnx` wrote."),
     repository: Path = typer.Option(Path("model_repository"), "--repository", help="Where to write it."),
     flavor: str = typer.Option("embedded", help="embedded (pip tritonserver) or native (NGC container)."),
+    native_recommend: str = typer.Option("python", "--native-recommend",
+                                         help="native flavor's recommend: python (asks the native ranker through "
+                                              "BLS; cold start, rules, exploration, fallbacks) or ensemble (no "
+                                              "request-time options)."),
     precision: str = typer.Option("fp32", help="fp32 or int8 (int8 needs `export onnx --precision int8`)."),
     candidates: int = typer.Option(500, help="K: candidates retrieved per user and ranked."),
     k_max: int = typer.Option(100, "--k-max", help="The most items one response may carry (requests ask 1..k-max)."),
@@ -293,7 +297,7 @@ def export_repository_cmd(
     from recserve.serving.repository import RepoOptions, write_repository
 
     m = write_repository(artifacts, repository, RepoOptions(
-        flavor=flavor, precision=precision, candidates=candidates, k_max=k_max,
+        flavor=flavor, native_recommend=native_recommend, precision=precision, candidates=candidates, k_max=k_max,
         index=IndexSpec(index, nlist, nprobe, efSearch=ef_search), instances=instances,
         ranker_threads=ranker_threads, step_threads=threads))
     i = m["index"]

@@ -61,6 +61,7 @@ class LocalPipeline:
             self.proxy_user, self.history_len = int(z["proxy_user"]), int(z["history_len"])
         self.raw_tower = ort_session(version / "user_tower_raw.onnx", threads)
         self.on_fallback = lambda kind: None     # the served model counts them in a metric
+        self.remote_rank = None                  # (feed, timeout s) -> [item_ids, scores]: the ranker elsewhere
         # The ranker's run is cut short past `ranker_timeout` seconds (ONNX Runtime's RunOptions.terminate, set by
         # one watchdog thread) and the retrieval order is served instead; a batch normally takes 1-10 ms.
         self.ranker_timeout = float(ranker_timeout)
@@ -76,7 +77,10 @@ class LocalPipeline:
                 watch[0].terminate = True
 
     def _rank(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The ranker graph, with the timeout; raises when it fails or runs out of time."""
+        """The ranker graph, with the timeout; raises when it fails or runs out of time. `remote_rank`, when set
+        (the native flavor's `recommend`: the `ranker` model through BLS), runs it instead of this process."""
+        if self.remote_rank is not None:
+            return self.remote_rank(feed, self.ranker_timeout)
         if self.ranker_timeout <= 0:
             return self.ranker.run(self.outputs, feed)
         import onnxruntime as ort

@@ -68,12 +68,19 @@ class RepoOptions:
     # Embedded flavor: instances of the one-process `recommend` (spec.FUSED), one per core; 0: os.cpu_count()
     fused_instances: int = 0
     view: str = "serve"               # which interactions the tables know: serve (all), test, valid
+    # Native flavor's `recommend`: "python" (the embedded model's code, which asks the native `ranker` model
+    # through BLS: cold start, rules, exploration and fallbacks, 2 models on the path) or "ensemble" (retrieval ->
+    # ranker, Triton's own scheduling, no request-time options)
+    native_recommend: str = "python"
     tensorrt: bool = False            # set by write_repository when engines were built
     recall_k: int = 100
 
     def validate(self) -> None:
         if self.flavor not in ("embedded", "native"):
             raise ArtifactError(f"--flavor {self.flavor!r} is not known: choose embedded or native")
+        if self.native_recommend not in ("python", "ensemble"):
+            raise ArtifactError(f"--native-recommend {self.native_recommend!r} is not known: choose python or "
+                                "ensemble")
         if self.precision not in ("fp32", "int8"):
             raise ArtifactError(f"--precision {self.precision!r} is not known: choose fp32 or int8")
         for name, value in (("candidates", self.candidates), ("k-max", self.k_max), ("instances", self.instances)):
@@ -165,7 +172,8 @@ def _dynamic_batching(batch: dict) -> dict:
 
 
 def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
-    """The embedded flavor's `recommend`: one python model running the path's steps in one process."""
+    """`recommend` as one python model: the path's steps in one process (embedded), or retrieval here and the
+    native `ranker` model through BLS (native, `native_recommend` "python")."""
     import os
 
     s = spec.FUSED
@@ -178,7 +186,10 @@ def fused_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
             # as an empty 200 answer and serves that to the next identical request (measured: README "Request-time
             # behaviours"); RecClient(cache_ttl=...) caches on the client instead.
             "parameters": {"threads": {"string_value": str(opts.step_threads)},
-                           "ranker_timeout_ms": {"string_value": str(RANKER_TIMEOUT_MS)}}}
+                           "ranker_timeout_ms": {"string_value": str(RANKER_TIMEOUT_MS)},
+                           # native flavor: the ranker runs as its own model (onnxruntime / TensorRT backend), asked
+                           # through BLS; embedded: in this process
+                           **({"ranker_model": {"string_value": "ranker"}} if opts.flavor == "native" else {})}}
 
 
 def ensemble_config(opts: RepoOptions, sizes: dict[str, int]) -> dict:
@@ -266,7 +277,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
                           shim=SHIMS[s.name] if (s.backend == "python" or opts.flavor == "embedded") else None,
                           version=version)
         version_dir(spec.ENSEMBLE)
-        if opts.flavor == "embedded":
+        if opts.flavor == "embedded" or opts.native_recommend == "python":
             _write_config(tmp, spec.ENSEMBLE, fused_config(opts, sizes), shim="fused:TritonPythonModel",
                           version=version)
         else:

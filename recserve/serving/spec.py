@@ -169,7 +169,8 @@ STEPS = (
 # The embedded flavor serves `recommend` as this one python model instead of the ensemble: the path's step
 # code in one process (`recserve/serving/local.py`, `steps/fused.py`), one instance per core. On the pip
 # server every step is a python-backend process, and a hop between two costs more than the work of either
-# (measured: README "Serving"). The step models stay served for the client's pipeline mode.
+# (measured: README "Serving"). The step models stay served for the client's pipeline mode. The native flavor
+# serves it too by default, with the ranker asked as the `ranker` model (onnxruntime / TensorRT) through BLS.
 FUSED = Step(ENSEMBLE, "python", "candidate", inputs=REQUEST + OPTIONS, outputs=RESPONSE + OPTION_RESPONSE,
              files=(), params=("threads", "ranker_timeout_ms"), on_path=False,
              doc="embedded flavor: the steps of the path run in one process (reads the step models' files); also "
@@ -227,10 +228,11 @@ def markdown_table() -> str:
         return "<br>".join(parts)
 
     rows = ["| model | kind | on the request path | inputs | outputs | what it does |", "|---|---|---|---|---|---|",
-            f"| `{ENSEMBLE}` | ensemble (native flavor) | (the path) | {fmt(REQUEST)} | {fmt(RESPONSE)} | "
-            f"{' -> '.join(s.name for s in path())} |",
-            f"| `{ENSEMBLE}` | python (embedded flavor) | (the path) | the same, and {fmt(OPTIONS)} | the same, and "
-            f"{fmt(OPTION_RESPONSE)} | {FUSED.doc} |"]
+            f"| `{ENSEMBLE}` | python (embedded flavor; native flavor by default, the ranker asked as the `ranker` "
+            f"model through BLS) | (the path) | {fmt(REQUEST)}, and {fmt(OPTIONS)} | {fmt(RESPONSE)}, and "
+            f"{fmt(OPTION_RESPONSE)} | {FUSED.doc} |",
+            f"| `{ENSEMBLE}` | ensemble (native flavor, `--native-recommend ensemble`) | (the path) | {fmt(REQUEST)} | "
+            f"{fmt(RESPONSE)} | {' -> '.join(s.name for s in path())} |"]
     for s in STEPS:
         rows.append(f"| `{s.name}` | {s.backend} | {'yes' if s.on_path else 'no'} | {fmt(s.inputs)} | "
                     f"{fmt(s.outputs)} | {s.doc} |")

@@ -206,8 +206,12 @@ def test_native_flavor_repository_is_written_and_every_config_parses(artifacts, 
         assert cfg.name == name
         platforms[name] = cfg.platform or cfg.backend
     assert platforms["ranker"] == platforms["item_tower"] == "onnxruntime_onnx"
-    assert platforms["recommend"] == "ensemble" and platforms["retrieval"] == "python"
+    assert platforms["recommend"] == "python" and platforms["retrieval"] == "python"   # BLS to the ranker
     assert not (tmp_path / "native" / "ranker" / "1" / "model.py").exists()
+    ensemble = write_repository(artifacts, tmp_path / "ensemble", RepoOptions(flavor="native", candidates=40,
+                                                                             native_recommend="ensemble"))
+    cfg = parse((tmp_path / "ensemble" / "recommend" / "config.pbtxt").read_text())
+    assert cfg.platform == "ensemble" and [s.model_name for s in cfg.ensemble_scheduling.step] == ensemble["path"]
 
 
 def test_the_readme_tritonclient_example_runs_against_the_server(served, capsys):

@@ -1,4 +1,6 @@
-"""`recommend` in the embedded flavor: the whole path (retrieval, then the ranker graph) in one process.
+"""`recommend` as one python model: the whole path (retrieval, then the ranker graph) in one process (embedded
+flavor), or retrieval here and the `ranker` model, on Triton's onnxruntime / TensorRT backend, through BLS (native
+flavor: config parameter `ranker_model`).
 
 The same step code and files as the `retrieval` and `ranker` models (`recserve.serving.local.LocalPipeline`
 over the repository), batched once per formed batch, one instance per core. It also answers users the model has
@@ -57,7 +59,26 @@ class TritonPythonModel(BatchedModel):
         self.drift, self._drift_failed = {}, False
         if self.custom_metrics:
             self._drift_reference()
+        # native flavor: the ranker graph on Triton's onnxruntime / TensorRT backend, asked through BLS from here on
+        # (the warm-up and the drift reference above ran it in process: no other model need be loaded yet)
+        self.ranker_model = params.get("ranker_model")
+        if self.ranker_model:
+            self.pipeline.remote_rank = self._bls_rank
         log.warning("recommend: retrieval and ranker in one process over %s, version %s", root, version_dir.name)
+
+    def _bls_rank(self, feed: dict[str, np.ndarray], timeout: float) -> list[np.ndarray]:
+        """The `ranker` model of this version, asked through BLS (Triton's python backend calling another model);
+        an error or a timeout raises, and the pipeline serves the retrieval order."""
+        pb = self.pb
+        names = self.pipeline.outputs
+        args = {"model_name": self.ranker_model, "model_version": int(self.version), "requested_output_names": names,
+                "inputs": [pb.Tensor(n, np.ascontiguousarray(v)) for n, v in feed.items()]}
+        if timeout > 0:
+            args["timeout"] = int(timeout * 1e6)          # microseconds
+        response = pb.InferenceRequest(**args).exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.ranker_model}: {response.error().message()}")
+        return [pb.get_output_tensor_by_name(response, n).as_numpy() for n in names]
 
     def _warm_up(self, users: int = 8) -> None:
         """A few real requests before the instance takes traffic: the first ONNX Runtime runs and FAISS searches
