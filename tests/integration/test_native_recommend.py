@@ -81,3 +81,25 @@ def test_a_native_ranker_that_is_gone_gives_the_retrieval_order_counted_as_a_fal
     finally:
         requests.post(f"{server.admin_url}/v2/repository/models/ranker/load", headers=server.admin_headers,
                       timeout=60)
+
+
+def test_triton_2_51s_response_cache_still_answers_a_repeated_bad_request_with_an_empty_200(artifacts, tmp_path):
+    """Why `recommend` has no `response_cache`: with it, Triton 2.51 stores a rejected request as an empty answer.
+    When this fails, the Triton in use no longer does that, and the cache can be switched on (repository.py)."""
+    repository = tmp_path / "model_repository"
+    write_repository(artifacts, repository, RepoOptions(candidates=CANDIDATES))
+    for path in (repository / "recommend" / "config.pbtxt", repository / "recommend" / "1" / "config.pbtxt"):
+        cfg = parse(path.read_text())
+        cfg.response_cache.enable = True
+        path.write_text(render_proto(cfg))
+    user = int(np.load(repository / "retrieval" / "1" / "users.npz")["user_ids"][0])
+    bad = {"inputs": [{"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [user]},
+                      {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [5]},
+                      {"name": "hour", "shape": [1, 1], "datatype": "INT64", "data": [24]}]}
+    with TritonServer(repository, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log",
+                      verify=False, supervise=False, front_door=False,
+                      extra_args=["--cache-config=local,size=10485760"]) as server:
+        url = f"{server.url('http')}/v2/models/recommend/infer"
+        first, second = (requests.post(url, json=bad, timeout=30) for _ in range(2))
+    assert first.status_code == 400 and "hour=24" in first.text
+    assert second.status_code == 200 and second.json()["outputs"] == []
