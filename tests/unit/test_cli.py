@@ -73,3 +73,19 @@ def test_evaluate_without_artifacts_is_one_clean_line(runner: CliRunner, tmp_pat
     result = runner.invoke(app, ["evaluate", "--artifacts", str(tmp_path)])
     line = _error_line(result)
     assert str(tmp_path / "dataset.npz") in line and "missing" in line and "recserve train" in line
+
+
+def test_items_add_on_a_bad_file_or_repository_is_one_clean_line(runner: CliRunner, tmp_path: Path, tiny_artifacts):
+    from recserve.deploy import deploy
+    from recserve.serving.repository import RepoOptions
+
+    repository = tmp_path / "repo"
+    deploy(tiny_artifacts, repository, RepoOptions(candidates=40))
+    (tmp_path / "bad.csv").write_text("item_id,title,genres\n9000,New,Polka\n")
+    result = runner.invoke(app, ["items", "add", "--repository", str(repository), "--items", str(tmp_path / "bad.csv")])
+    line = _error_line(result)
+    assert f"{tmp_path / 'bad.csv'}, line 2: genre 'Polka' is not one the models know; choose from cat00" in line
+    assert not (tiny_artifacts.parent / f"{tiny_artifacts.name}-items-v2").exists(), "nothing written"
+    missing = runner.invoke(app, ["items", "add", "--repository", str(tmp_path / "nowhere"), "--items",
+                                  str(tmp_path / "bad.csv")])
+    assert "manifest.json" in _error_line(missing)
