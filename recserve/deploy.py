@@ -14,7 +14,7 @@ rollback  puts the configs of an earlier version back (each version directory ke
 A running `recserve serve` notices the manifest's new live version (its supervisor looks every 0.5 s),
 verifies every file, and loads each model's new version through Triton's EXPLICIT model control: Triton
 starts the new version's instances while the old version keeps serving, then unloads the old one, so no
-request fails (`tests/integration/test_deploy.py` counts them under load). Each response names its version
+request fails (`tests/reliability/test_versions.py` counts them under load). Each response names its version
 (`model_version` in Triton's answer).
 """
 

@@ -141,7 +141,7 @@ class Evaluator:
                 scores = rank(ranker, ranker_batch(self.tables, f, uv, self.hour[sl], self.weekday[sl],
                                                    np.maximum(cand, 0), iv, src))
                 if src is not None:
-                    new = (self.sources[1].pop[np.maximum(cand, 0)] == 0) & (cand >= 0)
+                    new = self.sources[1].is_new[np.maximum(cand, 0)] & (cand >= 0)
                     tops.append(new_item_order(scores, src[..., 0], cand, new, max(KS))[0])
                     continue
             elif src is not None:

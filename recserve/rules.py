@@ -149,6 +149,20 @@ class ItemTable:
         return np.concatenate([v, np.zeros((1, v.shape[1]), np.float32)])
 
 
+def rules_from_options(option, exclude=()) -> Rules:
+    """One request row's Rules from `recommend`'s option tensors (spec.OPTIONS), as the served model and the
+    client's pipeline mode both read them. `option(name, default)` gives one scalar; `explore` is the index of the
+    mode in EXPLORE (0 off, 1 epsilon-greedy, 2 softmax), checked by the caller; `explore_param` is epsilon or the
+    temperature. ValueError names a bad value."""
+    mode = EXPLORE[int(option("explore", 0))]
+    param = float(option("explore_param", 0.1 if mode == "epsilon" else 1.0))
+    return Rules(exclude=tuple(int(x) for x in exclude), max_per_genre=int(option("max_per_genre", 0)),
+                 mmr_lambda=float(option("mmr_lambda", 1.0)), freshness=float(option("freshness", 0.0)),
+                 explore=mode, epsilon=param if mode == "epsilon" else 0.1,
+                 temperature=param if mode == "softmax" else 1.0,
+                 seed=int(option("seed", 0)) if mode != "none" else None)
+
+
 @dataclass(frozen=True)
 class Rules:
     """One request's rules; every field's default is "off". Invalid values raise ValueError on construction."""

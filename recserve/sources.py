@@ -1,6 +1,6 @@
 """Candidate sources beside the two towers, and the blend that merges them. numpy + scipy, no torch.
 
-A user's K candidates come from three sources, merged by the candidate rule (`recserve.ranking.merge_sources`):
+A user's K candidates come from four sources, merged by the candidate rule (`recserve.ranking.merge_sources`):
 
   vectors     one inner-product search over the *blend vector*: [c_tt * user tower vector, c_als * ALS user
               factors, c_pop] against [item tower vector, ALS item factors, log popularity], which is exactly
@@ -60,9 +60,14 @@ class ViewSources:
     recent: np.ndarray        # (U, RECENT) int64 newest first, padded with n_items
 
     @cached_property
+    def is_new(self) -> np.ndarray:
+        """(I,) bool: items with no interaction in the view (added by `recserve items add`, or cold)."""
+        return self.pop == 0
+
+    @cached_property
     def new_items(self) -> np.ndarray:
-        """Items with no interaction in the view, ascending (computed once, not per request)."""
-        return np.flatnonzero(self.pop == 0)
+        """Those items' indices, ascending (computed once, not per request)."""
+        return np.flatnonzero(self.is_new)
 
     @cached_property
     def pop_order(self) -> np.ndarray:

@@ -84,8 +84,8 @@ def update(artifacts: Path, events: Path) -> dict:
     X = interactions(ds, *VIEWS["serve"])                # as `recserve.sources.fit_view` counts them
     serve.pop = np.log1p(np.asarray(X.sum(axis=0)).ravel()).astype(np.float32)
     serve.recent = ds.last_history(*VIEWS["serve"], length=RECENT)
-    serve.__dict__.pop("pop_order", None)               # cached from the old popularity
-    serve.__dict__.pop("new_items", None)
+    for cached in ("pop_order", "is_new", "new_items"):  # derived from the old popularity
+        serve.__dict__.pop(cached, None)
     tmp = artifacts / ".sources.update.npz"
     save_sources(tmp, views)
     os.replace(tmp, artifacts / "sources.npz")

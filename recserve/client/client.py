@@ -343,14 +343,14 @@ def _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, ex
                 raise ClientError(f"{name}={value!r} is out of range: choose {low:g}..{high:g}")
             out[name] = np.array([[value]], dtype=np.float32)
     if explore not in (None, "", "none"):
-        from recserve.rules import Rules
+        from recserve.rules import EXPLORE, Rules
 
         try:
             parsed = Rules.parse_explore(explore)
         except ValueError as exc:
             raise ClientError(f"explore={explore!r}: {exc}") from None
         mode = parsed["explore"]
-        out["explore"] = _one({"epsilon": 1, "softmax": 2}[mode], np.int32)
+        out["explore"] = _one(EXPLORE.index(mode), np.int32)       # the code `recommend` reads
         out["explore_param"] = np.array([[parsed["epsilon" if mode == "epsilon" else "temperature"]]], np.float32)
         out["seed"] = _one(random.SystemRandom().randrange(2**31) if seed is None else
                            _check_range("seed", seed, 0, 2**62), np.int64)
@@ -358,19 +358,11 @@ def _options(history, segment, exclude, max_per_genre, mmr_lambda, freshness, ex
 
 
 def _rules_of(options: dict[str, np.ndarray]):
-    """The `recserve.rules.Rules` the embedded `recommend` reads from the same option tensors."""
-    from recserve.rules import Rules
+    """The `recserve.rules.Rules` the served `recommend` reads from the same option tensors."""
+    from recserve.rules import rules_from_options
 
-    def get(name, default):
-        return options[name].reshape(-1)[0].item() if name in options else default
-
-    mode = {0: "none", 1: "epsilon", 2: "softmax"}[int(get("explore", 0))]
-    param = float(get("explore_param", 0.1 if mode == "epsilon" else 1.0))
-    return Rules(exclude=tuple(int(x) for x in options["exclude"][0]) if "exclude" in options else (),
-                 max_per_genre=int(get("max_per_genre", 0)), mmr_lambda=float(get("mmr_lambda", 1.0)),
-                 freshness=float(get("freshness", 0.0)), explore=mode,
-                 epsilon=param if mode == "epsilon" else 0.1, temperature=param if mode == "softmax" else 1.0,
-                 seed=int(get("seed", 0)) if mode != "none" else None)
+    return rules_from_options(lambda name, default: options[name].reshape(-1)[0].item() if name in options
+                              else default, options["exclude"][0] if "exclude" in options else ())
 
 
 def _now_utc() -> dt.datetime:

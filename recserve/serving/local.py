@@ -26,12 +26,11 @@ import numpy as np
 
 from recserve.coldstart import load_cold
 from recserve.ranking import PAD_ID, PAD_SCORE, top_positions
-from recserve.rules import ItemTable, Rules, apply_rules
+from recserve.rules import EXPLORE, ItemTable, Rules, apply_rules, rules_from_options
 from recserve.serving import spec
 from recserve.serving.steps.base import RequestError, ort_session
 from recserve.serving.steps.retrieval import Retriever, check_request
 
-EXPLORE_MODES = {0: "none", 1: "epsilon", 2: "softmax"}
 OPTIONS_KEY = "__options"   # a checked request's parsed options, one (rules, history, segment) per row
 
 
@@ -101,20 +100,14 @@ class LocalPipeline:
             return default if v is None else v.reshape(len(v), -1)[row, 0].item()
 
         mode = int(scalar("explore", 0))
-        if mode not in EXPLORE_MODES:
+        if not 0 <= mode < len(EXPLORE):
             raise RequestError(f"explore={mode} is not known: 0 off, 1 epsilon-greedy, 2 softmax")
-        seed = request.get("seed")
-        if mode and seed is None:
+        if mode and request.get("seed") is None:
             raise RequestError("explore needs a seed (any integer >= 0): the draw is reproducible from it, and a "
                                "cached answer is then the one a new draw would give")
-        param = float(scalar("explore_param", 0.1 if mode == 1 else 1.0))
         exclude = request.get("exclude")
         try:
-            rules = Rules(exclude=tuple(int(x) for x in exclude[row]) if exclude is not None else (),
-                          max_per_genre=int(scalar("max_per_genre", 0)), mmr_lambda=float(scalar("mmr_lambda", 1.0)),
-                          freshness=float(scalar("freshness", 0.0)), explore=EXPLORE_MODES[mode],
-                          epsilon=param if mode == 1 else 0.1, temperature=param if mode == 2 else 1.0,
-                          seed=int(scalar("seed", 0)) if mode else None)
+            rules = rules_from_options(scalar, exclude[row] if exclude is not None else ())
         except ValueError as exc:
             raise RequestError(str(exc).replace("epsilon", "explore_param (epsilon)", 1)
                                .replace("temperature", "explore_param (temperature)", 1)) from None

@@ -245,7 +245,7 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         gate = ranker_gate(artifacts)
         inner = onnx.load(files["ranker"]) if gate["shipped"] else graphs.retrieval_order()
         view, blend = load_view(artifacts, opts.view), load_blend(artifacts)
-        ranker = graphs.ranker_graph(inner, tables, sizes["K"], sizes["KMAX"], new=view.pop == 0)
+        ranker = graphs.ranker_graph(inner, tables, sizes["K"], sizes["KMAX"], new=view.is_new)
         ranker_dir = version_dir("ranker")
         graphs.save(ranker, ranker_dir / "model.onnx")
         if opts.tensorrt:

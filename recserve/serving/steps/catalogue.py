@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recserve.rules import ItemTable
 from recserve.serving import spec
 from recserve.serving.steps.base import BatchedModel, RequestError
 
@@ -18,21 +19,18 @@ from recserve.serving.steps.base import BatchedModel, RequestError
 class Catalogue:
     def __init__(self, version_dir: Path):
         with np.load(version_dir / "items.npz") as z:
-            self.item_ids = z["item_ids"]
-            n = len(self.item_ids)
+            self.table = ItemTable(z["item_ids"], z["genres"], z["year"], z["vectors"])
             self.titles = np.array([t.encode("utf-8") for t in z["titles"]] + [b""], dtype=object)
-            # one extra row for an unknown id
-            self.raw = np.append(self.item_ids, -1).astype(np.int64)
-            self.genres = np.concatenate([z["genres"], np.zeros((1, z["genres"].shape[1]), np.float32)]) \
-                .astype(np.float32)
-            self.year = np.append(z["year"], 0).astype(np.int64)
-            self.vectors = np.concatenate([z["vectors"], np.zeros((1, z["vectors"].shape[1]), np.float32)]) \
-                .astype(np.float32)
-        self.n = n
+        t, self.n = self.table, len(self.table)
+        # one extra row for an unknown id: "", -1 and zeros
+        self.raw = np.append(t.item_ids, -1)
+        self.genres = np.concatenate([t.genres, np.zeros((1, t.genres.shape[1]))]).astype(np.float32)
+        self.year = np.append(t.year, 0).astype(np.int64)
+        self.vectors = np.concatenate([t.vectors, np.zeros((1, t.vectors.shape[1]), np.float32)])
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, self.n - 1)
-        return np.where(self.item_ids[pos] == item_ids, pos, self.n)
+        rows = self.table.rows(item_ids)
+        return np.where(rows >= 0, rows, self.n)
 
     def __call__(self, item_ids: np.ndarray) -> np.ndarray:
         return self.titles[self.rows(item_ids)]
