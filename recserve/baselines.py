@@ -27,7 +27,7 @@ from recserve.evaluate import Evaluator
 
 EASE_MAX_ITEMS = 30_000   # B is a dense I x I float64 matrix: 30k items is already ~7 GB
 ALS_ITERATIONS = 15
-KNN_BLOCK = 1024          # item columns per block when building the similarity: bounds memory at I x KNN_BLOCK
+KNN_BLOCK_CELLS = 50_000_000   # co-occurrence entries per block of item-kNN's similarity (bounds its memory)
 TUNE_METRIC = "ndcg@10"
 
 TIE_BREAK = "recall@50"     # ranking_metrics rounds to 5 decimals, so equal ndcg@10 happens (ML-100K EASE 50/100)
@@ -127,25 +127,30 @@ class ItemKNN:
         self.shrink = shrink
 
     def fit(self, X: sp.csr_matrix) -> ItemKNN:
+        """Sparse throughout, so it runs on a million items: the co-occurrences of a block of items are a sparse
+        product, and each item keeps its `neighbours` best by `top_per_row` (the similarity is symmetric, so an
+        item's row is its column)."""
         n = X.shape[1]
-        Xc = X.tocsc()
+        X = sp.csr_matrix(X, dtype=np.float32)
         Xt = X.T.tocsr()
-        norms = np.sqrt(np.asarray(Xc.multiply(Xc).sum(axis=0)).ravel())
+        norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0)).ravel())
         k = min(self.neighbours, n - 1)
-        rows, cols, vals = [], [], []
-        # column blocks keep memory at I x KNN_BLOCK instead of a dense I x I similarity
-        for start in range(0, n if k > 0 else 0, KNN_BLOCK):
-            stop = min(n, start + KNN_BLOCK)
-            sim = (Xt @ Xc[:, start:stop]).toarray()
-            sim /= norms[:, None] * norms[None, start:stop] + self.shrink + 1e-9
-            sim[np.arange(start, stop), np.arange(stop - start)] = 0.0
-            top = np.argpartition(-sim, k - 1, axis=0)[:k]                 # (k, block) row indices
-            val = np.take_along_axis(sim, top, 0)
-            keep = val > 0                                                  # never store zero similarities
-            rows.append(top[keep])
-            cols.append(np.broadcast_to(np.arange(start, stop), top.shape)[keep])
-            vals.append(val[keep])
-        self.S = sp.csr_matrix((_cat(vals, np.float32), (_cat(rows, np.int64), _cat(cols, np.int64))), shape=(n, n))
+        # entries of item j's co-occurrence row are at most the summed history lengths of j's users
+        cum = np.cumsum(Xt @ np.diff(X.indptr).astype(np.float64))
+        parts = []
+        start = 0
+        while k > 0 and start < n:
+            done = cum[start - 1] if start else 0.0
+            stop = min(n, max(start + 1, int(np.searchsorted(cum, done + KNN_BLOCK_CELLS, side="right"))))
+            sim = (Xt[start:stop] @ X).tocsr()                                  # (block, I) co-occurrence counts
+            rows = np.repeat(np.arange(start, stop), np.diff(sim.indptr))
+            sim.data /= norms[rows] * norms[sim.indices] + self.shrink + 1e-9
+            sim.data[sim.indices == rows] = 0.0
+            parts.append(top_per_row(sim, k))
+            start = stop
+        top = sp.vstack(parts).tocsr() if parts else sp.csr_matrix((n, n), dtype=np.float32)
+        self.S = sp.csr_matrix(top.T, dtype=np.float32)         # column j holds item j's neighbours
+        self.S.sort_indices()
         self.X = X
         return self
 
@@ -153,8 +158,22 @@ class ItemKNN:
         return (_rows(self.X, users) @ self.S).toarray().astype(np.float32, copy=False)
 
 
-def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+def top_per_row(m: sp.spmatrix, k: int) -> sp.csr_matrix:
+    """Each row's k largest positive entries of a sparse matrix, nothing densified; ties to the lower column.
+
+    Sorting all stored entries by (row, -value) puts row r's entries at indptr[r]:indptr[r+1], best first,
+    so an entry's rank in its row is its position minus indptr[r].
+    """
+    m = sp.csr_matrix(m, dtype=np.float32)
+    m.sum_duplicates()
+    m.sort_indices()
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    order = np.lexsort((-m.data, rows))                       # stable: equal values stay in column order
+    rank = np.arange(len(order)) - m.indptr[rows[order]]
+    keep = order[(rank < k) & (m.data[order] > 0)]
+    out = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape, dtype=np.float32)
+    out.sort_indices()
+    return out
 
 
 class ALS:
@@ -248,16 +267,17 @@ def tune_and_evaluate(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
 
 
 def tune(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
-         models: Sequence[str] | None = None) -> dict[str, dict]:
+         models: Sequence[str] | None = None, max_users: int | None = None) -> dict[str, dict]:
     """The validation half of `tune_and_evaluate`: name -> {"params", "valid", "tried", "seconds", "grid"}
-    (or {"skipped": reason}). `recserve train` runs it; `recserve evaluate` then calls `refit_test`."""
+    (or {"skipped": reason}). `recserve train` runs it; `recserve evaluate` then calls `refit_test`.
+    `max_users`: validation users scored per setting (`Evaluator`'s; None: all)."""
     registry = baselines(seed)
     names = list(models) if models is not None else list(registry)
     unknown = sorted(set(names) - set(registry))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(registry)}")
     train = interactions(ds, TRAIN)
-    valid_ev = Evaluator(ds, VALID)
+    valid_ev = Evaluator(ds, VALID, max_users=max_users, seed=seed)
     start = time.perf_counter()
     out = {}
     for i, name in enumerate(names):
@@ -274,10 +294,12 @@ def tune(ds: Dataset, budget_seconds: float = 120.0, seed: int = 0,
     return out
 
 
-def refit_test(ds: Dataset, name: str, params: dict, seed: int = 0) -> dict:
-    """Refit one tuned baseline on TRAIN + VALID and score it on TEST: {"test", "test_time_data"}."""
+def refit_test(ds: Dataset, name: str, params: dict, seed: int = 0, max_users: int | None = None) -> dict:
+    """Refit one tuned baseline on TRAIN + VALID and score it on TEST: {"test", "test_time_data"}.
+    `max_users`: as `Evaluator`'s (`recserve evaluate` passes its own, so every row scores the same users)."""
     factory = baselines(seed)[name][0]
-    test = Evaluator(ds, TEST)._metrics(factory(**params).fit(interactions(ds, TRAIN, VALID)).scores)[0]
+    model = factory(**params).fit(interactions(ds, TRAIN, VALID))
+    test = Evaluator(ds, TEST, max_users=max_users)._metrics(model.scores)[0]
     return {"test": test, "test_time_data": "refit on train+valid"}
 
 
@@ -301,5 +323,5 @@ def _tune_one(factory: Callable[..., Model], order: list[dict], share: float, tr
 
 __all__ = [
     "ALS", "EASE", "EASE_MAX_ITEMS", "ItemKNN", "Popularity", "baselines", "ease_refusal", "interactions",
-    "refit_test", "tune", "tune_and_evaluate",
+    "refit_test", "top_per_row", "tune", "tune_and_evaluate",
 ]

@@ -95,6 +95,10 @@ def train(
     distill: bool = typer.Option(False, "--distill", help="Also train a large teacher and a distilled student ranker."),
     promote_student: bool = typer.Option(False, "--promote-student",
                                          help="With --distill: ship the student (ranker.pt) if it passes its gate."),
+    model_minutes: float = typer.Option(
+        0.0, "--model-minutes", min=0.0,
+        help="Wall-clock cap on each model's epochs (MF, each two-tower setting, the ranker): no epoch starts "
+             "after it, the best so far is kept. 0: epochs and early stopping only. For million-item sets."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     resume: Path | None = typer.Option(None, "--resume", help="Artifacts of an earlier run: the towers start from "
                                        "its weights (ids carried over by raw id) and keep its settings."),
@@ -107,7 +111,8 @@ def train(
     if resume is not None and not (resume / "two_tower.pt").is_file():
         raise ArtifactError(f"--resume {resume}: no two_tower.pt there; give the --out of an earlier `recserve train`")
     cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs,
-                      resume=str(resume.resolve()) if resume else "", titles=titles, **search_budget(budget_minutes))
+                      resume=str(resume.resolve()) if resume else "", titles=titles, model_budget=60.0 * model_minutes,
+                      **search_budget(budget_minutes))
     train_all(load_data(data), out, cfg, progress=not quiet)
     if distill:
         from recserve.distill import distill as run_distill

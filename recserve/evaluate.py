@@ -32,6 +32,20 @@ TEST_TIME_DATA = {
     "blend+ranker": "as blend; ranker trained on valid (sources fitted on train)",
 }
 RERANK_CANDIDATES = 500   # K, as served (`export repository --candidates`)
+# Full ranking scores every item for every user. Two bounds keep that inside one machine at a million items:
+SCORE_CELLS = 250_000_000     # (users x items) score cells one batch holds: 1 GB of float32
+EVAL_CELLS = 5_000_000_000    # cells one test evaluation scores; past it a seeded sample of the test users
+
+
+def batch_for(n_items: int, most: int) -> int:
+    """Users per scoring batch: `most`, or fewer when a batch's full score rows would pass SCORE_CELLS."""
+    return max(1, min(most, SCORE_CELLS // max(n_items, 1)))
+
+
+def users_for(n_items: int, cells: float = EVAL_CELLS) -> int:
+    """How many users a full-ranking evaluation over `n_items` items scores within `cells` (at least 1,000):
+    every user on MovieLens-sized catalogues, a sample at a million items."""
+    return max(1000, int(cells // max(n_items, 1)))
 
 
 def ranking_metrics(top: np.ndarray, truth: list[np.ndarray], n_items: int, cold: np.ndarray | None = None
@@ -76,19 +90,28 @@ def heldout(ds: Dataset, target: int) -> tuple[np.ndarray, list[np.ndarray], np.
 class Evaluator:
     """Scores every model on one split; `target` is VALID (model selection) or TEST (the reported table)."""
 
-    def __init__(self, ds: Dataset, target: int = TEST, history_len: int = 20, sources=None):
+    def __init__(self, ds: Dataset, target: int = TEST, history_len: int = 20, sources=None,
+                 max_users: int | None = None, seed: int = 0):
         """`sources`: (Blend, ViewSources) of the view that predicts `target` (`recserve.sources`); with them the
-        re-ranked rows use the served candidate rule (several sources merged), without, the towers' alone."""
+        re-ranked rows use the served candidate rule (several sources merged), without, the towers' alone.
+        `max_users`: score a sample of that many of the target's users (seeded, so equal arguments give equal
+        users); None scores them all. `heldout_users` says how many there were."""
         self.ds = ds
         self.sources = sources
         self.target = target
         self.tables = Tables(ds, known_splits(target), history_len)
         self.users, self.truth, first_ts = heldout(ds, target)
+        self.heldout_users = len(self.users)
+        if max_users is not None and len(self.users) > max_users:
+            keep = np.sort(np.random.default_rng(seed).choice(len(self.users), max_users, replace=False))
+            self.users, first_ts = self.users[keep], first_ts[keep]
+            self.truth = [self.truth[i] for i in keep]
         self.hour, self.weekday = context_of(first_ts)
         self.cold = np.bincount(ds.items[ds.mask(TRAIN)], minlength=ds.n_items) == 0   # no training interaction
 
     def _metrics(self, scores_fn, batch: int = 1024) -> tuple[dict[str, float], np.ndarray]:
         tops = []
+        batch = batch_for(self.ds.n_items, batch)
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
             tops.append(candidates(scores_fn(u), u, self.seen, max(KS)))
@@ -121,6 +144,7 @@ class Evaluator:
 
         iv = item_vectors(two_tower, self.ds)
         items = Blend.item_matrix(iv, self.sources[1]) if self.sources is not None else None
+        batch = batch_for(self.ds.n_items, batch)
         for s in range(0, len(self.users), batch):
             u = self.users[s:s + batch]
             f = self.tables.users(u)
@@ -172,7 +196,8 @@ def evaluate_artifacts(artifacts: Path) -> dict:
     two_tower, _ = checkpoint.load(artifacts / "two_tower.pt", ds.fingerprint)
     ranker, _ = checkpoint.load(artifacts / "ranker.pt", ds.fingerprint)
     mf, _ = checkpoint.load(artifacts / "mf.pt", ds.fingerprint)
-    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST))
+    max_users = users_for(ds.n_items)
+    ev = Evaluator(ds, TEST, two_tower.cfg.history_len, sources=sources_for(artifacts, TEST), max_users=max_users)
     models = {
         "popularity": ev.popularity(np.bincount(ds.items[ds.mask(TRAIN, VALID)], minlength=ds.n_items)),
         "mf": ev.mf(mf),
@@ -190,7 +215,7 @@ def evaluate_artifacts(artifacts: Path) -> dict:
         for name, row in json.loads(baselines_path.read_text())["models"].items():
             if "skipped" in row:
                 continue
-            fitted = refit_test(ds, name, row["params"])
+            fitted = refit_test(ds, name, row["params"], max_users=max_users)
             models[name], test_time[name] = fitted["test"], fitted["test_time_data"]
     metrics_path = artifacts / "metrics.json"
     previous = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -202,7 +227,11 @@ def evaluate_artifacts(artifacts: Path) -> dict:
             "rerank_candidates": RERANK_CANDIDATES,
             "test_time_data": test_time,
             "data": {"source": ds.source, "fingerprint": ds.fingerprint, "users": ds.n_users, "items": ds.n_items,
-                     "interactions": int(len(ds.users)), "test_users": int(len(ev.users))},
+                     "interactions": int(len(ds.users)), "test_users": int(len(ev.users)),
+                     "test_users_of": ev.heldout_users,
+                     "users_sampled": (f"a seeded sample of {len(ev.users)} of the {ev.heldout_users} test users "
+                                       f"(full ranking over {ds.n_items} items scores at most {EVAL_CELLS:.0e} "
+                                       "user x item cells)") if len(ev.users) < ev.heldout_users else "none"},
         },
         "models": models,
         "served": SERVED if gate.get("shipped", True) else RETRIEVAL_ORDER,

@@ -76,10 +76,11 @@ def top_positions(scores: np.ndarray, k: int) -> np.ndarray:
     if k == 0 or len(scores) == 0:
         return np.zeros((len(scores), k), np.int64)
     if k < n:
-        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]               # each row's k-th best score
-        better, tied = scores > kth, scores == kth
-        room = k - better.sum(axis=1, keepdims=True)
-        keep = better | (tied & (np.cumsum(tied, axis=1) <= room))           # exactly k per row
+        kth = np.partition(scores, n - k, axis=1)[:, n - k:n - k + 1]         # each row's k-th best score
+        keep = scores >= kth
+        for r in np.flatnonzero(keep.sum(axis=1) > k):                      # ties at the k-th place: rare
+            tied = np.flatnonzero(scores[r] == kth[r, 0])
+            keep[r, tied[k - int((scores[r] > kth[r, 0]).sum()):]] = False   # the lowest positions stay
         part = np.nonzero(keep)[1].reshape(len(scores), k)                   # ascending positions
     else:
         part = np.tile(np.arange(n), (len(scores), 1))

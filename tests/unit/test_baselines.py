@@ -109,7 +109,7 @@ def test_a_user_without_rows_gets_the_empty_history_score():
 def test_itemknn_keeps_the_top_neighbours_of_each_item(monkeypatch):
     X = _binary(40, 30, 0.3, seed=5)
     k, shrink = 4, 3.0
-    monkeypatch.setattr(baselines, "KNN_BLOCK", 7)   # several column blocks, one of them ragged
+    monkeypatch.setattr(baselines, "KNN_BLOCK_CELLS", 40)   # several blocks of items, of uneven sizes
     S = ItemKNN(neighbours=k, shrink=shrink).fit(X).S.toarray()
     D = X.toarray()
     norms = np.sqrt(D.sum(0))
@@ -124,6 +124,19 @@ def test_itemknn_keeps_the_top_neighbours_of_each_item(monkeypatch):
         assert full[~kept, j].max(initial=0.0) <= S[kept, j].min(initial=np.inf) + 1e-6
     np.testing.assert_allclose(ItemKNN(neighbours=k, shrink=shrink).fit(X).scores(np.array([1])), D[[1]] @ S,
                                rtol=1e-5)
+
+
+def test_top_per_row_keeps_each_rows_best_positive_entries_with_ties_to_the_lower_column():
+    rng = np.random.default_rng(3)
+    D = np.round(rng.normal(size=(25, 40)), 1) * (rng.random((25, 40)) < 0.4)   # ties, negatives, empty cells
+    D[4] = 0.0
+    k = 3
+    got = baselines.top_per_row(sp.csr_matrix(D), k).toarray()
+    for r in range(len(D)):
+        cols = [c for c in np.lexsort((np.arange(40), -D[r])) if D[r, c] > 0][:k]
+        want = np.zeros(40)
+        want[cols] = D[r, cols]
+        np.testing.assert_array_equal(got[r], want.astype(np.float32))
 
 
 # ---- ALS ---------------------------------------------------------------------------------------------------

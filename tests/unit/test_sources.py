@@ -122,3 +122,37 @@ def test_items_the_view_never_saw_get_their_quota_by_the_tower_dot_product_alone
         want = sorted(unseen_new, key=lambda j: (-float(uv[u] @ iv[j]), j))
         assert got[u].tolist() == want[:2]
         assert want[0] in cand[u].tolist()                  # in the K although ALS scores it 0
+
+
+def test_blend_tuning_over_pools_gives_the_full_ranking_figures_when_the_pools_hold_every_item(monkeypatch):
+    """The pooled path (catalogues above POOL_ITEMS) against full ranking on the same users and settings."""
+    from recserve import sources
+    from recserve.data import generate
+    from recserve.data.dataset import VALID, build_dataset
+    from recserve.evaluate import Evaluator
+
+    ds = build_dataset(generate(n_users=200, n_items=150, n_interactions=5000, seed=3))
+    view = sources.fit_view(ds, "valid", {"als": {"factors": 8, "regularization": 1.0, "alpha": 1.0,
+                                                  "iterations": 3}, "ease": None,
+                                          "itemknn": {"neighbours": 20, "shrink": 5.0}})
+    rng = np.random.default_rng(0)
+    uv = rng.normal(size=(ds.n_users, 4)).astype(np.float32)
+    iv = rng.normal(size=(ds.n_items, 4)).astype(np.float32)
+    ev = Evaluator(ds, VALID)
+    _, full = sources.tune_blend(ev, uv[ev.users], iv, view, budget_seconds=1e9)
+    monkeypatch.setattr(sources, "POOL_ITEMS", 0)
+    monkeypatch.setattr(sources, "POOL_PER_TERM", ds.n_items)         # every item is in every pool
+    _, pooled = sources.tune_blend(ev, uv[ev.users], iv, view, budget_seconds=1e9)
+    assert "pool" in pooled["metric"] and "full ranking" in full["metric"]
+    assert pooled["tried"] == full["tried"] == full["grid_size"]
+    for t in sources.TERMS:
+        assert pooled["scale"][t] == pytest.approx(full["scale"][t], rel=1e-4)
+    assert pooled["valid"] == full["valid"] and pooled["weights"] == full["weights"]
+
+    monkeypatch.setattr(sources, "POOL_PER_TERM", 10)                 # small pools: the towers-only point still
+    _, small = sources.tune_blend(ev, uv[ev.users], iv, view, budget_seconds=0.0)   # holds its own top 10
+    assert small["tried"] == 1 and small["valid"]["ndcg@10"] == full_towers_ndcg(ev, uv, iv)
+
+
+def full_towers_ndcg(ev, uv, iv) -> float:
+    return ev._metrics(lambda u: uv[u] @ iv.T)[0]["ndcg@10"]
