@@ -132,7 +132,7 @@ class Recommender:
         root = Path(repository)
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         self.k_max, self.candidates = int(manifest["k_max"]), int(manifest["candidates"])
-        step = find_file(root, "index.faiss").parent
+        step = find_file(root, "index.json").parent
         # the served step's numpy code over its files: user tower graph, FAISS, the candidate sources and rule
         self.retriever = Retriever(step, {"k_max": str(self.k_max), "omp_threads": "1",
                                           "intra_op_threads": str(threads), "device": "cpu"})

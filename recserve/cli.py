@@ -296,6 +296,8 @@ def export_repository_cmd(
     instances: int = typer.Option(1, help="Model instances per model."),
     ranker_threads: int = typer.Option(2, help="ONNX Runtime threads of the ranker instance (0: all cores)."),
     threads: int = typer.Option(1, help="Threads of the user and retrieval steps (user tower, FAISS)."),
+    shards: int = typer.Option(1, help="Split the index into this many shards, searched in parallel and merged "
+                                       "(README \"Scale\")."),
 ):
     """Write a Triton model repository (configs via protobuf, FAISS index, manifest), atomically."""
     from recserve.export.index import IndexSpec
@@ -304,7 +306,7 @@ def export_repository_cmd(
     m = write_repository(artifacts, repository, RepoOptions(
         flavor=flavor, native_recommend=native_recommend, precision=precision, candidates=candidates, k_max=k_max,
         index=IndexSpec(index, nlist, nprobe, efSearch=ef_search), instances=instances,
-        ranker_threads=ranker_threads, step_threads=threads))
+        ranker_threads=ranker_threads, step_threads=threads, shards=shards))
     i = m["index"]
     if m["tensorrt"]["note"] and not m["tensorrt"]["engines"]:
         typer.echo(m["tensorrt"]["note"])

@@ -86,8 +86,8 @@ class Optimizer:
         for m in big:
             m.sparse = True
         lazy = {id(m.weight) for m in big}
-        self.opts = [torch.optim.Adam([p for p in model.parameters() if id(p) not in lazy], lr=lr,
-                                      weight_decay=weight_decay)]
+        dense = [p for p in model.parameters() if id(p) not in lazy]
+        self.opts = [torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)] if dense else []
         if big:       # weight decay does not apply to them: an untouched row keeps its value
             self.opts.append(torch.optim.SparseAdam([m.weight for m in big], lr=lr))
 

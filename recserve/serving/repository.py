@@ -74,6 +74,9 @@ class RepoOptions:
     native_recommend: str = "python"
     tensorrt: bool = False            # set by write_repository when engines were built
     recall_k: int = 100
+    # The index split into this many shards (index.S.faiss), searched as one faiss.IndexShards (a thread per shard)
+    # and merged by score: the layout a catalogue too big for one machine spreads over retrieval nodes
+    shards: int = 1
 
     def validate(self) -> None:
         if self.flavor not in ("embedded", "native"):
@@ -83,7 +86,8 @@ class RepoOptions:
                                 "ensemble")
         if self.precision not in ("fp32", "int8"):
             raise ArtifactError(f"--precision {self.precision!r} is not known: choose fp32 or int8")
-        for name, value in (("candidates", self.candidates), ("k-max", self.k_max), ("instances", self.instances)):
+        for name, value in (("candidates", self.candidates), ("k-max", self.k_max), ("instances", self.instances),
+                            ("shards", self.shards)):
             if value < 1:
                 raise ArtifactError(f"--{name} must be at least 1, got {value}")
         if self.view not in graphs.VIEWS:
@@ -403,12 +407,21 @@ def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.n
         index, resolved = build_index(items if opts.index.kind == "flat" else sphere, opts.index, fetch_k=fetch_k)
     augmented = resolved.kind != "flat"
     vecs, qs = (sphere, sphere_q) if augmented else (items, held)
-    faiss.write_index(index, str(dest / "index.faiss"))
+    if opts.shards > 1:
+        from recserve.bench_index import shard_index
+
+        if opts.shards > len(items):
+            raise ArtifactError(f"--shards {opts.shards}: the catalogue has only {len(items)} items")
+        index = shard_index(vecs, opts.shards, {"kind": resolved.kind, "params": resolved.params()})
+        for s in range(opts.shards):
+            faiss.write_index(index.at(s), str(dest / f"index.{s}.faiss"))
+    else:
+        faiss.write_index(index, str(dest / "index.faiss"))
     recall = recall_vs_exact(index, vecs, qs, opts.recall_k)
     info = {"spec": describe(resolved), "n_items": int(index.ntotal), "dim": int(items.shape[1]),
             "metric": "inner_product", "equal_norm": augmented, "candidates": opts.candidates,
             "recall_k": min(opts.recall_k, len(items)), "recall_vs_exact": round(recall, 5),
-            "queries": int(len(held)), "fetch_k": int(fetch_k)}
+            "queries": int(len(held)), "fetch_k": int(fetch_k), "shards": opts.shards}
     if resolved.kind != "flat" and fetch_k:
         info["recall_at_fetch_k"] = round(recall_vs_exact(index, vecs, qs, fetch_k), 5)
     if chosen is not None:

@@ -128,7 +128,8 @@ STEPS = (
                   Tensor("context_weekday", "INT64", (1,), doc="the request's weekday, or today"),
                   Tensor("cand_idx", "INT64", ("K",), doc="K distinct unseen item indices; -1 pads"),
                   Tensor("cand_src", "FP32", ("K", "S"), doc="per candidate: blend score, ALS term, neighbour term")),
-         files=("user_tower.onnx", "users.npz", "index.faiss", "index.json", "seen.npz", "sources.npz",
+         files=("user_tower.onnx", "users.npz", "index.faiss (or index.S.faiss, --shards)", "index.json", "seen.npz",
+                "sources.npz",
                 "blend.json", "blend_items.npy", "cold.npz", "user_tower_raw.onnx", "items.npz"),
          params=("k_max", "intra_op_threads", "omp_threads", "nprobe"),
          doc="validates the request (unknown user, k, hour, weekday: INVALID_ARG naming the value); maps the raw "

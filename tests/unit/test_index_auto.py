@@ -44,7 +44,10 @@ def repos(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
              "ivf": IndexSpec("ivf", nlist=6, nprobe=3)}
     for name, s in specs.items():
         write_repository(tiny_artifacts, root / name, RepoOptions(candidates=CANDIDATES, index=s))
-    return {name: root / name for name in specs}
+    sharded = {"flat_2_shards": (IndexSpec("flat"), 2), "ivf_3_shards": (IndexSpec("ivf", nlist=6, nprobe=6), 3)}
+    for name, (s, n) in sharded.items():
+        write_repository(tiny_artifacts, root / name, RepoOptions(candidates=CANDIDATES, index=s, shards=n))
+    return {name: root / name for name in [*specs, *sharded]}
 
 
 def _index_info(repository: Path) -> dict:
@@ -139,6 +142,27 @@ def test_ann_repositories_load_in_the_local_pipeline_and_recommend_as_flat_does(
     want, got = _top10(repos["flat"], tiny_artifacts), _top10(repos[kind], tiny_artifacts)
     overlap = np.mean([len(np.intersect1d(w[w >= 0], g[g >= 0])) / max(1, (w >= 0).sum()) for w, g in zip(want, got)])
     assert overlap >= MIN_TOP10_OVERLAP, overlap
+
+
+def test_a_sharded_index_is_served_as_one_and_recommends_what_the_single_index_does(repos, tiny_artifacts):
+    for name, n in (("flat_2_shards", 2), ("ivf_3_shards", 3)):
+        step = repos[name] / "retrieval" / "1"
+        assert sorted(p.name for p in step.glob("index*.faiss")) == [f"index.{s}.faiss" for s in range(n)]
+        info = _index_info(repos[name])
+        assert info["shards"] == n and info["recall_vs_exact"] == 1.0     # every IVF cell probed: exact
+        retriever = LocalPipeline(repos[name]).retriever
+        assert isinstance(retriever.index, faiss.IndexShards) and retriever.index.count() == n
+        assert sum(faiss.read_index(str(step / f"index.{s}.faiss")).ntotal for s in range(n)) == info["n_items"]
+        assert np.array_equal(_top10(repos[name], tiny_artifacts), _top10(repos["flat"], tiny_artifacts)), name
+    assert _index_info(repos["flat"])["shards"] == 1
+
+
+def test_more_shards_than_items_is_refused_naming_the_option(tiny_artifacts, tmp_path):
+    with pytest.raises(ArtifactError, match="--shards 100000"):
+        write_repository(tiny_artifacts, tmp_path / "r", RepoOptions(candidates=CANDIDATES, shards=100_000))
+    with pytest.raises(ArtifactError, match="--shards must be at least 1"):
+        write_repository(tiny_artifacts, tmp_path / "r", RepoOptions(candidates=CANDIDATES, shards=0))
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------------------- (d) CLI

@@ -98,14 +98,25 @@ class Retriever:
         if threads:
             faiss.omp_set_num_threads(threads)   # OpenMP threads spin; several processes share the cores
         self.meta = json.loads((version_dir / "index.json").read_text())
-        index = faiss.read_index(str(version_dir / "index.faiss"))
-        kind = self.meta["spec"]["kind"]
-        if self.meta["spec"].get("nprobe"):
-            faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", self.meta["spec"]["nprobe"]))
-        if kind == "hnsw":   # covers the largest search (K + most seen): faiss's HNSW returns <= ~efSearch results
-            index.hnsw.efSearch = int(params.get("efSearch", self.meta["spec"]["efSearch"]))
+        kind, n_shards = self.meta["spec"]["kind"], int(self.meta.get("shards", 1))
+
+        def tuned(index):
+            if self.meta["spec"].get("nprobe"):
+                faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", self.meta["spec"]["nprobe"]))
+            if kind == "hnsw":   # covers the largest search (K + most seen): HNSW returns <= ~efSearch results
+                index.hnsw.efSearch = int(params.get("efSearch", self.meta["spec"]["efSearch"]))
+            return index
+
+        if n_shards > 1:     # `export repository --shards N`: one IndexShards over the parts, merged by score
+            self._shards = [tuned(faiss.read_index(str(version_dir / f"index.{s}.faiss"))) for s in range(n_shards)]
+            index = faiss.IndexShards(self._shards[0].d, True, True)       # threaded, successive ids
+            index.metric_type = faiss.METRIC_INNER_PRODUCT
+            for shard in self._shards:
+                index.add_shard(shard)
+        else:
+            index = tuned(faiss.read_index(str(version_dir / "index.faiss")))
         self.index, (self.device, self._gpu_res) = place_index(   # GPU FAISS cannot clone IndexHNSWFlat: CPU
-            index, params.get("device", "auto") != "cpu" and kind != "hnsw")
+            index, params.get("device", "auto") != "cpu" and kind != "hnsw" and n_shards == 1)
         with np.load(version_dir / "seen.npz") as z:
             self.seen = Seen(z["indptr"], z["items"])
         with np.load(version_dir / "users.npz") as z:
