@@ -21,20 +21,14 @@ import hashlib
 import json
 import math
 import secrets
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 from recserve.deploy import _replace_file, _verified, _write_manifest, _write_text, locked
 from recserve.errors import ArtifactError
+from recserve.serving.split import BUCKETS, PARAMETER, arm  # noqa: F401 - arm and BUCKETS are this module's API too
 
 MODEL = "recommend"
-BUCKETS = 10000
-
-
-def arm(user_id: int, share: float, salt: str) -> str:
-    """The arm of one user, as the front door computes it."""
-    return "b" if zlib.crc32(f"{salt}:{int(user_id)}".encode()) % BUCKETS < round(share * BUCKETS) else "a"
 
 
 @locked("repository")
@@ -60,7 +54,7 @@ def start(repository: Path, b: int, share: float, salt: str | None = None) -> di
     cfg_a.version_policy.specific.versions.extend(sorted({a, b}))
     split = {"model": MODEL, "a": a, "b": int(b), "share": float(share), "salt": salt or secrets.token_hex(4)}
     # clients read it from the config (`RecClient` over gRPC, which the front door cannot split)
-    cfg_a.parameters["recserve_ab"].string_value = json.dumps(split, sort_keys=True)
+    cfg_a.parameters[PARAMETER].string_value = json.dumps(split, sort_keys=True)
     text = render_proto(cfg_a)
     _write_text(repository / MODEL / "config.pbtxt", text)
     hashes = {**manifest["sha256"], f"{MODEL}/config.pbtxt": hashlib.sha256(text.encode()).hexdigest()}

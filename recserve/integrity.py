@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent
 SERVED_CODE = ("__init__.py", "coldstart.py", "drift.py", "errors.py", "integrity.py", "ranking.py", "rules.py",
                "sources.py",
                "serving/__init__.py",
-               "serving/spec.py", "serving/local.py", "serving/steps")
+               "serving/spec.py", "serving/split.py", "serving/local.py", "serving/steps")
 FIX = "rebuild it with `recserve export repository`, or pass --no-verify (development only)"
 
 

@@ -650,14 +650,12 @@ class RecClient:
 
     def _arm_version(self, user_id: int) -> str:
         """The version of the user's arm while an A/B split runs (`recserve ab start` writes it into recommend's
-        config as `recserve_ab`), so gRPC calls are split as the front door splits HTTP ones; else ""."""
-        raw = self._recommend_config().get("parameters", {}).get("recserve_ab", {}).get("string_value")
-        if not raw:
-            return ""
-        from recserve.ab import arm
+        config as `recserve_ab`), asked for by name, so no server-side forwarding is needed; else ""."""
+        from recserve.serving.split import read_split, version_of
 
-        split = json.loads(raw)
-        return str(split[arm(user_id, float(split["share"]), str(split["salt"]))])
+        params = self._recommend_config().get("parameters", {})
+        split = read_split({k: v.get("string_value", "") for k, v in params.items()})
+        return str(version_of(split, user_id)) if split else ""
 
     def _from_fallback(self, user_id: int, k: int, mode: str) -> Recommendation:
         self.fallbacks += 1

@@ -117,7 +117,8 @@ class LocalPipeline:
 
     def serve(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Checked requests (`check_request(..., allow_unknown=True)` and `options` passed) -> per request:
-        item_ids, scores, propensity ([B, w], -1 / lowest / 0 past each row's items) and source ([B, 1] bytes)."""
+        item_ids, scores, propensity ([B, w], -1 / lowest / 0 past each row's items), source and version ([B, 1]
+        bytes)."""
         rows = [(i, r) for i, req in enumerate(requests) for r in range(len(req["user_id"]))]
         idx = np.array([int(requests[i]["user_idx"][r, 0]) for i, r in rows], np.int64)
         ranked_ids = np.full((len(rows), self.k_max), PAD_ID, np.int64)
@@ -155,7 +156,8 @@ class LocalPipeline:
             outputs.append({"item_ids": np.stack([p[0][:width] for p in part]),
                             "scores": np.stack([p[1][:width] for p in part]),
                             "propensity": np.stack([p[2][:width] for p in part]),
-                            "source": np.array([[s.encode()] for s in srcs], dtype=object)})
+                            "source": np.array([[s.encode()] for s in srcs], dtype=object),
+                            "version": np.array([[str(self.version).encode()]] * len(part), dtype=object)})
         return outputs
 
     def _personalized(self, idx: np.ndarray, hour: np.ndarray, weekday: np.ndarray):

@@ -116,6 +116,7 @@ OPTIONS = (
 OPTION_RESPONSE = (
     Tensor("source", "BYTES", (1,), doc="personalized | history | segment | popular | fallback"),
     Tensor("propensity", "FP32", (-1,), doc="per item: the policy's probability of it at its position"),
+    Tensor("version", "BYTES", (1,), doc="the model version that answered: an A/B split's arm (`recserve ab`)"),
 )
 SOURCES = ("personalized", "history", "segment", "popular", "fallback")
 

@@ -39,6 +39,29 @@ def _answer(server, user: int) -> tuple[str, list[int]]:
     return doc["model_version"], next(o["data"] for o in doc["outputs"] if o["name"] == "item_ids")
 
 
+def _plain_grpc(server, user: int, pin: bool = False, version: str = "") -> tuple[str, str, list[int]]:
+    """A bare tritonclient call, as any gRPC client makes it: (the `version` output, the version Triton routed the
+    request to, item ids)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    inputs = [grpcclient.InferInput("user_id", [1, 1], "INT64"), grpcclient.InferInput("k", [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(np.array([[user]], np.int64))
+    inputs[1].set_data_from_numpy(np.array([[5]], np.int32))
+    wanted = [grpcclient.InferRequestedOutput(n) for n in ("item_ids", "version")]
+    r = client.infer("recommend", inputs, model_version=version, outputs=wanted,
+                     parameters={"recserve_pin": True} if pin else None)
+    client.close()
+    return r.as_numpy("version")[0, 0].decode(), r.get_response().model_version, r.as_numpy("item_ids")[0].tolist()
+
+
+def _metric(server, name: str) -> float:
+    """The sum of a metric's series on the server's /metrics (custom metrics reach it within a second)."""
+    time.sleep(1.2)
+    text = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def _wait_switched(server, version: int, since: int) -> dict:
     sup = server.supervisor
     deadline = time.monotonic() + SWITCH_WITHIN_S
@@ -134,6 +157,14 @@ def test_an_ab_split_sends_each_user_to_the_arm_its_salted_hash_names_and_the_re
                 client.click(rec, rec.item_ids[0])
     with RecClient(server.url("grpc")) as client:      # gRPC: the client splits, from recommend's config
         assert {u: client.recommend(u, k=5).version for u in users} == {u: v for u, (_, v) in want.items()}
+    # any other gRPC client, naming no version: Triton hands it to the newest (2), which forwards arm a's users
+    third_party = {u: _plain_grpc(server, u) for u in users}
+    assert {u: v for u, (v, _, _) in third_party.items()} == {u: v for u, (_, v) in want.items()}
+    assert {reached for _, reached, _ in third_party.values()} == {"2"}
+    assert all(items == _answer(server, u)[1] for u, (_, _, items) in third_party.items())
+    assert {_plain_grpc(server, u, pin=True)[0] for u in users} == {"2"}     # pinned: served where it landed
+    assert _plain_grpc(server, users[0], version="1")[0] == "1"            # the older arm never forwards
+    assert _metric(server, "recserve_ab_forwarded_total") >= 1    # counted (an instance hands on its counts in batches)
     report = ab.report(log)
     shown = {v: sum(1 for _, ver in want.values() if ver == v) for v in ("1", "2")}
     assert {v: a["impressions"] for v, a in report["versions"].items()} == shown

@@ -7,10 +7,18 @@ over the repository), batched once per formed batch, one instance per core. It a
 never seen, applies the request's rules and exploration, and falls back when a step fails (`LocalPipeline.serve`);
 each answer's `source` and each fallback are counted in Triton's metrics (port 8002):
 `recserve_responses_total{source=...}` and `recserve_fallbacks_total{kind=...}`.
+
+While an A/B split runs (`recserve ab start`: config parameter `recserve_ab`), the newest loaded version, the one
+Triton hands a request that names no version, forwards each request whose users are all in the other arm to that
+arm's version through BLS, so any client (a third-party gRPC one included) is split as the front door splits
+HTTP; the `version` output names who answered. Requests naming a version reach it this way too, unless they carry
+the request parameter `recserve_pin`; the front door and `RecClient` ask for the arm's own version, never
+forwarded. A forward that fails (the other version still loading, or a bad request) is served here.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,6 +27,7 @@ import numpy as np
 from recserve.drift import Drift
 from recserve.serving import spec
 from recserve.serving.local import OPTIONS_KEY, LocalPipeline
+from recserve.serving.split import PIN, read_split, version_of
 from recserve.serving.steps.base import BatchedModel, log
 from recserve.serving.steps.retrieval import check_item_tower, check_request
 
@@ -51,10 +60,16 @@ class TritonPythonModel(BatchedModel):
                                         description="requests answered by a fallback, by the step that failed"),
                     "responses": family(name="recserve_responses_total", kind=family.COUNTER,
                                         description="rows answered by recommend, by source"),
+                    "forwarded": family(name="recserve_ab_forwarded_total", kind=family.COUNTER,
+                                        description="requests the newest version handed to their A/B arm's version"),
                 }
             except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
                 log.warning("recommend: custom metrics are not available in this python backend")
         self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
+        self.ab_split = read_split(params)
+        # only the version Triton serves to requests naming none splits them (the older arm never forwards)
+        split = self.ab_split
+        self.splits_here = bool(split) and int(self.version) == max(int(split["a"]), int(split["b"]))
         self._warm_up()
         self.drift, self._drift_failed = {}, False
         if self.custom_metrics:
@@ -164,6 +179,48 @@ class TritonPythonModel(BatchedModel):
 
     def finalize(self) -> None:
         self._flush(force=True)
+
+    def execute(self, requests):
+        if not self.splits_here:
+            return super().execute(requests)
+        responses: list = [None] * len(requests)
+        here = []
+        for r, request in enumerate(requests):
+            target = self._arm_elsewhere(request)
+            responses[r] = self._forward(request, target) if target is not None else None
+            if responses[r] is None:
+                here.append(r)
+        if here:
+            for r, response in zip(here, super().execute([requests[r] for r in here])):
+                responses[r] = response
+        return responses
+
+    def _arm_elsewhere(self, request) -> int | None:
+        """The other arm's version when every user of the request belongs to it (and the request is not pinned)."""
+        try:
+            if json.loads(request.parameters() or "{}").get(PIN):
+                return None
+            users = self.pb.get_input_tensor_by_name(request, "user_id")
+            versions = {version_of(self.ab_split, int(u)) for u in users.as_numpy().reshape(-1)} if users else set()
+        except Exception:  # noqa: BLE001 - a malformed request is this version's to refuse, by name
+            return None
+        return versions.pop() if len(versions) == 1 and int(self.version) not in versions else None
+
+    def _forward(self, request, version: int):
+        """The request as asked of `version` of this model through BLS, or None (served here) when that fails."""
+        pb = self.pb
+        inputs = [t for t in (pb.get_input_tensor_by_name(request, n) for n in self.SPEC.input_names) if t is not None]
+        names = list(request.requested_output_names()) or list(self.SPEC.output_names)
+        try:
+            response = pb.InferenceRequest(model_name=self.model_name, model_version=int(version), inputs=inputs,
+                                           requested_output_names=names).exec()
+        except Exception:  # noqa: BLE001
+            log.exception("recommend: forwarding a request to version %s failed; serving it here", version)
+            return None
+        if response.has_error():     # a bad request gets this version's own INVALID_ARG; still loading: served here
+            return None
+        self._count("forwarded", "version", str(version))
+        return pb.InferenceResponse(output_tensors=response.output_tensors())
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         check_request(inputs, self.pipeline.retriever.user_ids, self.pipeline.k_max, allow_unknown=True)
