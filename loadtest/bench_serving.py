@@ -640,6 +640,25 @@ def _package_versions() -> dict[str, str | None]:
 
 # -- servers -----------------------------------------------------------------------------------------
 
+def tree_memory(pid: int) -> dict[str, float]:
+    """Memory of a process and all its descendants (Triton's python stubs, uvicorn's workers), from /proc: RSS
+    counts a shared page once per process; PSS splits it among them, so it sums to what the tree really holds."""
+    seen, todo, total = set(), [pid], {"rss_mb": 0.0, "pss_mb": 0.0}
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss"):
+                    total[f"{name.lower()}_mb"] += int(rest.split()[0]) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return {**{k: round(v, 1) for k, v in total.items()}, "processes": len(seen)}
+
+
 @contextlib.contextmanager
 def baseline_server(repository: Path, workers: int, log_path: Path, ready_timeout: float = 120.0) -> Iterator[str]:
     """``baseline_service.py`` on a free 127.0.0.1 port until the block ends; yields its base URL."""
@@ -652,6 +671,7 @@ def baseline_server(repository: Path, workers: int, log_path: Path, ready_timeou
                "--workers", str(workers)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    baseline_server.pid = proc.pid      # for the memory reading (tree_memory)
     url = f"http://{HOST}:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
@@ -717,6 +737,7 @@ class Bench:
         self.args, self.tools, self.folder = args, tools, folder
         self.input_json, self.users_file, self.rows = input_json, users_file, rows
         self.cells: list[Cell] = []
+        self.memory: dict[str, dict[str, float]] = {}     # server -> tree_memory after its cells
 
     def _log(self, cell: Cell) -> None:
         print(f"  {cell.path:14s} {cell.precision:5s} c={cell.concurrency:<3d} {cell.rps:8.1f} req/s  "
@@ -810,6 +831,7 @@ class Bench:
                         before = snapshot.get("before", {})
                     cell.models = stats_delta(before, model_stats(stats_url, admin))
                     self._add(cell, path, precision)
+            self.memory[f"triton/{precision}"] = tree_memory(server.process.pid)
         return version
 
     def fastapi(self, repository: Path, precision: str) -> None:
@@ -820,6 +842,7 @@ class Bench:
             for c in self.args.concurrency:
                 self._wrk(url, c, self.args.warmup)
                 self._add(self._wrk(url, c, self.args.duration), "fastapi/http", precision)
+            self.memory[f"fastapi/{precision}"] = tree_memory(baseline_server.pid)
 
 
 def _manifest(repository: Path) -> dict:
@@ -915,12 +938,17 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k, "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
         "users": int(len(user_ids)), "requests_in_rotation": len(rows), "baseline_workers": args.workers,
         "wrk_threads": args.wrk_threads, "logs": str(folder),
+        "server_memory": bench.memory,
     }
     first = repositories[0][1]
     print(f"\n{env['cpus']} CPUs shared by servers and load generators (1-min load average {load_before[0]:.2f} "
           f"before, {load_after[0]:.2f} after); K={first.get('candidates')}, k={args.k}, {args.duration:g} s per "
           f"cell after {args.warmup:g} s warm-up, {len(user_ids)} users; logs in {folder}\n")
     print(markdown(cells, checks))
+    if bench.memory:
+        print("\nserver memory after its cells (the process and its children: Triton's stubs, uvicorn's workers): "
+              + "; ".join(f"{k} PSS {m['pss_mb']:,.0f} MB (RSS {m['rss_mb']:,.0f} MB, {m['processes']} processes)"
+                          for k, m in bench.memory.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(env, cells, checks), encoding="utf-8")

@@ -216,6 +216,25 @@ def bench():
     return _import(LOADTEST / "bench_serving.py", "recserve_bench_serving")
 
 
+def test_server_memory_sums_the_process_and_its_children(bench):
+    code = "import subprocess, time; c = [subprocess.Popen(['sleep', '30']) for _ in range(2)]; time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while (m := bench.tree_memory(parent.pid))["processes"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alone = bench.tree_memory(os.getpid())
+        assert m["processes"] == 3 and alone["processes"] >= 1
+        assert 0 < m["pss_mb"] <= m["rss_mb"]
+    finally:
+        import signal
+
+        os.killpg(parent.pid, signal.SIGKILL)       # the sleeps too
+        parent.wait()
+
+
 def test_closed_loop_counts_latencies_and_errors(bench):
     import time
 
