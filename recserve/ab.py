@@ -7,7 +7,8 @@ arm b's version when `crc32(salt:user_id) % 10000 < share * 10000`, else to arm 
 always sees the same arm, and a new salt reshuffles users. Each answer names its arm (the `recserve-arm` header)
 and its version (`model_version`). The front door cannot read gRPC bodies: over gRPC, `RecClient` reads the
 split from `recommend`'s config (parameter `recserve_ab`, looked at every 10 s) and asks for its arm's version
-itself; another gRPC client that names no version gets the newest loaded one.
+itself; for any other gRPC client the newest loaded version, which Triton answers unversioned requests with,
+forwards the other arm's users to their version (recserve/serving/steps/fused.py).
 `recserve ab stop`, a deploy or a rollback end the split.
 
 `recserve ab report --events LOG` reads the event log the client writes (`recserve.events`) and compares the
