@@ -329,8 +329,9 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources:
     v_users, v_items, v_ts = ds.users[m], ds.items[m], ds.timestamps[m]
     f = ev.tables.users(ev.users)
     uv = user_vectors(two_tower, f)
-    # the candidate rule (the towers', or every source merged), in batches of users
-    cand = np.concatenate([c for *_, c, _ in ev.candidate_batches(two_tower, cfg.candidates)])
+    # the candidate rule (the towers', or every source merged): all users at once unless their full score rows
+    # would not fit (`evaluate.SCORE_CELLS`; a million items), then in batches
+    cand = np.concatenate([c for *_, c, _ in ev.candidate_batches(two_tower, cfg.candidates, batch=len(ev.users))])
     items = Blend.item_matrix(iv, sources[1]) if sources is not None else None
     row_of = {u: r for r, u in enumerate(ev.users)}
     groups = np.empty((len(v_users), 1 + cfg.ranker_negatives), dtype=np.int64)
