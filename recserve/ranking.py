@@ -16,6 +16,7 @@ Several sources' candidate lists become the K by `merge_sources` (quotas first, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -37,6 +38,11 @@ class Seen:
         users = np.asarray(users, dtype=np.int64)
         return self.indptr[users + 1] - self.indptr[users]
 
+    @cached_property
+    def max_item(self) -> int:
+        """The largest item id anyone has seen (-1 if none): computed once, not per request (10M ids at scale)."""
+        return int(self.items.max()) if len(self.items) else -1
+
 
 def seen_mask(ids: np.ndarray, users: np.ndarray, seen: Seen) -> np.ndarray:
     """(B, M) bool: True where `ids[r]` is PAD or an item user `users[r]` has seen."""
@@ -44,7 +50,7 @@ def seen_mask(ids: np.ndarray, users: np.ndarray, seen: Seen) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(ids.shape, bool)
     # one scratch flag per item (the last one for PAD): O(|seen| + M) per row, no sorting
-    n = int(max(ids.max(), seen.items.max() if len(seen.items) else 0)) + 2
+    n = int(max(ids.max(), seen.max_item, 0)) + 2
     flag = np.zeros(n, bool)
     flag[-1] = True
     safe = np.where(ids < 0, n - 1, ids)
