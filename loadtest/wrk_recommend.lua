@@ -38,7 +38,9 @@ function body_for(user, k, hour, weekday)
     parts[#parts + 1] = tensor("hour", "INT64", hour)
     parts[#parts + 1] = tensor("weekday", "INT64", weekday)
   end
-  return '{"inputs":[' .. table.concat(parts, ",") .. ']}'
+  -- the two outputs every server measured here returns (Triton's recommend can also send source, propensity
+  -- and version; a client asks for what it reads)
+  return '{"inputs":[' .. table.concat(parts, ",") .. '],"outputs":[{"name":"item_ids"},{"name":"scores"}]}'
 end
 
 function setup(thread)

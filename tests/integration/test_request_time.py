@@ -189,3 +189,17 @@ def test_the_client_pipeline_answers_a_user_the_model_never_saw_as_recommend_doe
             ens = client.recommend(UNKNOWN, k=5, hour=4, weekday=1, exclude=items[:1], **extra)
             assert pipe.source == ens.source and pipe.item_ids == ens.item_ids and len(pipe.items) == 5
             assert pipe.source == {"history": "history", "segment": "segment"}.get(next(iter(extra), ""), "popular")
+
+
+def test_a_request_gets_only_the_outputs_it_names_and_all_when_it_names_none(served, known):
+    url = f"http://{served.url('http')}/v2/models/recommend/infer"
+    inputs = [{"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [known[0]]},
+              {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [5]}]
+    some = requests.post(url, json={"inputs": inputs, "outputs": [{"name": "item_ids"}, {"name": "version"}]},
+                         timeout=10).json()
+    every = requests.post(url, json={"inputs": inputs}, timeout=10).json()
+    assert [o["name"] for o in some["outputs"]] == ["item_ids", "version"]
+    assert {o["name"] for o in every["outputs"]} == {"item_ids", "scores", "source", "propensity", "version"}
+    item_ids = lambda doc: next(o["data"] for o in doc["outputs"] if o["name"] == "item_ids")  # noqa: E731
+    assert item_ids(some) == item_ids(every) and len(item_ids(some)) == 5
+    assert next(o["data"] for o in some["outputs"] if o["name"] == "version") == [str(served.manifest["model_version"])]
