@@ -343,30 +343,30 @@ def _pools(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources):
     from recserve.evaluate import batch_for
 
     n = len(item_vec)
-    stats = {t: np.zeros(3) for t in TERMS}                   # sum, sum of squares, count
+    moments = {t: [0.0, 0.0] for t in TERMS if t != "popularity"}     # sum and sum of squares over full rows
     pools, vals = [], []
     batch = batch_for(n, 256) // 2 or 1                      # two terms' full rows are held at once
     for s in range(0, len(ev.users), batch):
         users = ev.users[s:s + batch]
         rows = term_scores(user_vec[s:s + batch], item_vec, src, users)
-        tops = []
-        for t in TERMS:
-            r = np.asarray(rows[t], np.float64) if t != "popularity" else np.asarray(src.pop, np.float64)
-            stats[t] += [r.sum() * (len(users) if t == "popularity" else 1),
-                         (r * r).sum() * (len(users) if t == "popularity" else 1), len(users) * n]
-            tops.append(candidates(rows[t], users, ev.seen, POOL_PER_TERM))
-        pool = np.sort(np.where((u := np.concatenate(tops, axis=1)) < 0, n, u), axis=1)
+        for t in moments:
+            r = np.asarray(rows[t], np.float64)
+            moments[t][0] += float(r.sum())
+            moments[t][1] += float((r * r).sum())
+        tops = np.concatenate([candidates(rows[t], users, ev.seen, POOL_PER_TERM) for t in TERMS], axis=1)
+        pool = np.sort(np.where(tops < 0, n, tops), axis=1)
         pool[:, 1:][pool[:, 1:] == pool[:, :-1]] = n          # repeats become padding, then sort to the end
         pool = np.sort(pool, axis=1)
         safe = np.minimum(pool, n - 1)
-        vals.append(np.stack([np.take_along_axis(np.asarray(rows[t]), safe, 1) if t != "popularity"
-                              else src.pop[safe] for t in TERMS]).astype(np.float32))
+        vals.append(np.stack([src.pop[safe] if t == "popularity" else np.take_along_axis(np.asarray(rows[t]), safe, 1)
+                              for t in TERMS]).astype(np.float32))
         pools.append(np.where(pool == n, PAD_ID, pool))
         del rows
-    width = max(p.shape[1] for p in pools)
-    pool = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=PAD_ID) for p in pools])
-    vals = np.concatenate([np.pad(v, ((0, 0), (0, 0), (0, width - v.shape[2]))) for v in vals], axis=1)
-    scale = {t: float(np.sqrt(max(q / c - (m / c) ** 2, 0.0))) or 1.0 for t, (m, q, c) in stats.items()}
+    pool, vals = np.concatenate(pools), np.concatenate(vals, axis=1)    # every batch's pool is 4 x POOL_PER_TERM wide
+    cells = len(ev.users) * n
+    scale = {t: float(np.sqrt(max(q / cells - (m / cells) ** 2, 0.0))) or 1.0 for t, (m, q) in moments.items()}
+    scale["popularity"] = float(np.std(src.pop)) or 1.0       # every user's row is the same popularity vector
+    scale = {t: scale[t] for t in TERMS}
     return pool, vals, scale
 
 
