@@ -37,7 +37,16 @@ from recserve.export.onnx import export_model, random_inputs
 from recserve.models import Ranker, RankerConfig, TwoTower
 from recserve.ranking import candidates as candidate_rule
 from recserve.reference import RANKER_INPUTS, item_vectors, ranker_batch, user_vectors
-from recserve.train import EarlyStopping, TrainConfig, _epochs, _log, blend_scale, ranker_examples, train_ranker
+from recserve.train import (
+    EarlyStopping,
+    Optimizer,
+    TrainConfig,
+    _epochs,
+    _log,
+    blend_scale,
+    ranker_examples,
+    train_ranker,
+)
 
 TEACHER = {"emb_dim": 32, "cross_layers": 3, "hidden": [512, 256, 128], "dropout": 0.2}
 STUDENT = {"emb_dim": 8, "cross_layers": 1, "hidden": [32], "dropout": 0.1}
@@ -114,7 +123,7 @@ def train_student(data: dict[str, torch.Tensor], teacher_scores: torch.Tensor, r
     fit_rows, held = held_out_split(data["user_idx"].numpy(), rng)
     held_rows = torch.as_tensor(held)
     model = Ranker(ranker_cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.ranker_lr, weight_decay=1e-6)
+    opt = Optimizer(model, lr=cfg.ranker_lr, weight_decay=1e-6)
     stopper, history = EarlyStopping(model, patience=2, higher_is_better=False), []
     bar = _epochs(cfg.ranker_epochs, "student", progress)
     for epoch in bar:

@@ -138,7 +138,8 @@ class BatchedModel:
                         results.append(None)
         for r, out in zip(good, results):
             # only the outputs the request asked for (none named: all); building the others is wasted work
-            names = [n for n in self.SPEC.output_names if n in set(requests[r].requested_output_names())]
+            asked = set(requests[r].requested_output_names())
+            names = [n for n in self.SPEC.output_names if n in asked]
             responses[r] = self._internal() if out is None else pb.InferenceResponse(output_tensors=[
                 pb.Tensor(n, np.ascontiguousarray(out[n], dtype=self.out_dtypes[n]))
                 for n in (names or self.SPEC.output_names)])

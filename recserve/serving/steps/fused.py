@@ -66,9 +66,8 @@ class TritonPythonModel(BatchedModel):
             except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
                 log.warning("recommend: custom metrics are not available in this python backend")
         self.pipeline.on_fallback = lambda kind: self._count("fallbacks", "kind", kind)
-        self.ab_split = read_split(params)
+        self.ab_split = split = read_split(params)
         # only the version Triton serves to requests naming none splits them (the older arm never forwards)
-        split = self.ab_split
         self.splits_here = bool(split) and int(self.version) == max(int(split["a"]), int(split["b"]))
         self._warm_up()
         self.drift, self._drift_failed = {}, False
@@ -201,7 +200,8 @@ class TritonPythonModel(BatchedModel):
             if json.loads(request.parameters() or "{}").get(PIN):
                 return None
             users = self.pb.get_input_tensor_by_name(request, "user_id")
-            versions = {version_of(self.ab_split, int(u)) for u in users.as_numpy().reshape(-1)} if users else set()
+            versions = ({version_of(self.ab_split, int(u)) for u in users.as_numpy().reshape(-1)}
+                        if users is not None else set())
         except Exception:  # noqa: BLE001 - a malformed request is this version's to refuse, by name
             return None
         return versions.pop() if len(versions) == 1 and int(self.version) not in versions else None
