@@ -556,7 +556,8 @@ class TritonServer:
                                          self.admin_headers, restart_server=self.restart,
                                          exit_cause=self.exit_cause, max_restarts=self.max_restarts,
                                          on_swap=self._reload_contract,
-                                         before_swap=lambda pin: self._reload_contract(pin=pin, split=False))
+                                         before_swap=lambda pin: self._reload_contract(pin=pin, split=False),
+                                         grpc_url=self.admin_grpc_url, grpc_headers=self.admin_grpc_headers)
             self.supervisor.start()
         elif self.front_door is not None:
             self.front_door.set_state("ready")

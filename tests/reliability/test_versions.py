@@ -106,7 +106,8 @@ def test_deploy_under_load_switches_to_the_new_version_with_no_failed_request_an
     record("deploy under load", requests=r.total, failed=r.total - r.count(200), write_s=round(t_written - t_deploy, 2),
            switch_s=swap["seconds"], steady_p99_ms=_p99_ms(steady), swap_p99_ms=_p99_ms(during),
            after_p99_ms=_p99_ms(after), versions_during=sorted({v for *_, v in during}),
-           server_steady_p99_ms=door["steady"], server_swap_p99_ms=door["swap"])
+           server_steady_p99_ms=door["steady"], server_swap_p99_ms=door["swap"],
+           loads_s={model: seconds for model, _, seconds in swap["loads"]})
     assert set(r.statuses) == {200} and not r.errors, r.summary()
     assert {v for *_, v in steady} == {"1"}
     assert after and {v for *_, v in after} == {"2"}, "every answer after the switch comes from the new version"

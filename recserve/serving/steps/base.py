@@ -77,6 +77,10 @@ class BatchedModel:
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
         self.load(self.repository / args["model_version"], self.params)
 
+    def serving_thread(self) -> None:
+        """Per-thread settings for the thread that answers requests, called from it (`initialize` may have run in
+        another one: recserve.serving.steps.gentle)."""
+
     def load(self, version_dir: Path, params: dict[str, str]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

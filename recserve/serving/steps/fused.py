@@ -80,6 +80,9 @@ class TritonPythonModel(BatchedModel):
             self.pipeline.remote_rank = self._bls_rank
         log.warning("recommend: retrieval and ranker in one process over %s, version %s", root, version_dir.name)
 
+    def serving_thread(self) -> None:
+        self.pipeline.retriever.serving_thread()
+
     def _bls_rank(self, feed: dict[str, np.ndarray], timeout: float) -> list[np.ndarray]:
         """The `ranker` model of this version, asked through BLS (Triton's python backend calling another model);
         an error or a timeout raises, and the pipeline serves the retrieval order."""

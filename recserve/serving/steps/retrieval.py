@@ -94,9 +94,8 @@ class Retriever:
         import faiss
 
         params = params or {}
-        threads = int(params.get("omp_threads", "1"))
-        if threads:
-            faiss.omp_set_num_threads(threads)   # OpenMP threads spin; several processes share the cores
+        self.omp_threads = int(params.get("omp_threads", "1"))
+        self.serving_thread()
         self.meta = json.loads((version_dir / "index.json").read_text())
         kind, n_shards = self.meta["spec"]["kind"], int(self.meta.get("shards", 1))
 
@@ -127,6 +126,14 @@ class Retriever:
         self.sources = read_view(version_dir / "sources.npz", "view")
         self.blend = Blend(json.loads((version_dir / "blend.json").read_text())["coef"])
         self.items = np.load(version_dir / "blend_items.npy")
+
+    def serving_thread(self) -> None:
+        """OpenMP's thread count, for the calling thread (OpenMP keeps it per thread): call it from the thread
+        that searches. OpenMP threads spin, and several processes share the cores."""
+        if self.omp_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.omp_threads)
 
     def _q(self, query: np.ndarray) -> np.ndarray:
         """The index's form of a query: a 0 appended when the items were made equal in norm (index.json)."""
@@ -186,6 +193,9 @@ class TritonPythonModel(BatchedModel):
         log.warning("retrieval: %s index over %d items on %s, K=%d, recall@%d vs exact %.4f", m["spec"]["kind"],
                     self.retriever.index.ntotal, self.retriever.device, self.retriever.k, m["recall_k"],
                     m["recall_vs_exact"])
+
+    def serving_thread(self) -> None:
+        self.retriever.serving_thread()
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         check_request(inputs, self.retriever.user_ids, self.retriever.k_max)
