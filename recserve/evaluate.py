@@ -27,7 +27,7 @@ RETRIEVAL_ORDER = "blend"      # ... and when it does not
 TEST_TIME_DATA = {
     "popularity": "refit on train+valid",
     "mf": "fitted on train, not refit",
-    "two_tower": "train weights; train+valid history as input",
+    "two_tower": "refit on train+valid (the epochs validation chose); train+valid history as input",
     "blend": "towers as two_tower; ALS, neighbours, popularity refit on train+valid; weights chosen on valid",
     "blend+ranker": "as blend; ranker trained on valid (sources fitted on train)",
 }
@@ -206,6 +206,9 @@ def evaluate_artifacts(artifacts: Path) -> dict:
         "blend+ranker": ev.two_tower_ranker(two_tower, ranker),
     }
     test_time = dict(TEST_TIME_DATA)
+    trained = _read_json(artifacts / "train.json") or {}
+    if "refit" not in (trained.get("two_tower") or {}):      # `TrainConfig(refit_towers=False)`, or an older run
+        test_time["two_tower"] = "train weights; train+valid history as input"
     gate_path = artifacts / "ranker_gate.json"
     gate = json.loads(gate_path.read_text()) if gate_path.exists() else {"shipped": True, "note": "no gate run"}
     baselines_path = artifacts / "baselines.json"

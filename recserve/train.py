@@ -70,6 +70,7 @@ class TrainConfig:
     threads: int = 0             # 0: torch's default
     model_budget: float = 0.0    # seconds of epochs per model (MF, each towers setting, ranker); 0: no limit
     resume: str = ""             # artifacts whose towers the new ones start from (`recserve train --resume`)
+    refit_towers: bool = True    # the towers that are evaluated and served: refit on train+valid (`refit_two_tower`)
 
 
 SPARSE_ROWS = 100_000   # id tables with more rows than this train with sparse gradients and a lazy Adam
@@ -121,7 +122,7 @@ class EarlyStopping:
     def __init__(self, model: torch.nn.Module, patience: int, higher_is_better: bool = True, budget: float = 0.0,
                  max_epochs: int = 0):
         self.model, self.patience, self.sign = model, patience, 1.0 if higher_is_better else -1.0
-        self.best, self.state, self.bad = None, None, 0
+        self.best, self.state, self.bad, self.best_epoch = None, None, 0, 0
         self.budget, self.start, self.epochs, self.out_of_time = budget, time.perf_counter(), 0, False
         self.max_epochs = max_epochs
 
@@ -132,6 +133,7 @@ class EarlyStopping:
             self.out_of_time = True
         if self.best is None or self.sign * (score - self.best) > 0:
             self.best, self.state, self.bad = score, copy.deepcopy(self.model.state_dict()), 0
+            self.best_epoch = self.epochs
             return self.out_of_time
         self.bad += 1
         return self.bad >= self.patience or self.out_of_time
@@ -196,15 +198,19 @@ def train_mf(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True
     return model
 
 
-def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool = True) -> TwoTower:
-    """Sampled softmax over in-batch negatives with logQ correction; best validation recall@50 kept."""
+def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator | None, progress: bool = True,
+                    splits: tuple[int, ...] = (TRAIN,), epochs: int = 0) -> TwoTower:
+    """Sampled softmax over in-batch negatives with logQ correction; best validation recall@50 kept.
+
+    With `epochs` (and no `ev`), exactly that many epochs on `splits` and the last weights: the refit of
+    `refit_two_tower`. `model.best_epoch` says which epoch the kept weights are from."""
     torch.manual_seed(cfg.seed)      # each setting `best_two_tower` tries starts from the same weights
     rng = np.random.default_rng(cfg.seed)
     model = TwoTower(TowerConfig(ds.n_users, ds.n_items, ds.n_genres, ds.user_cat_cards,
                                  dim=cfg.dim, temperature=cfg.temperature,
                                  title_vocab=TITLE_VOCAB if cfg.titles else 0, title_len=TITLE_LEN))
     opt = Optimizer(model, lr=cfg.tower_lr)
-    rows = np.flatnonzero(ds.mask(TRAIN))
+    rows = np.flatnonzero(ds.mask(*splits))
     hist = torch.as_tensor(ds.rolling_history(rows, model.cfg.history_len))      # (N, H)
     users, items = torch.as_tensor(ds.users[rows]), torch.as_tensor(ds.items[rows])
     user_cats = torch.as_tensor(ds.user_cats)
@@ -219,8 +225,9 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
         cold = torch.as_tensor(counts == 1.0)
         model.item_tower.item_emb.weight[cold] = 0.0
         model.user_tower.hist_emb.weight[:-1][cold] = 0.0
-    stopper = EarlyStopping(model, cfg.patience, budget=cfg.model_budget, max_epochs=cfg.tower_epochs)
-    bar = _epochs(cfg.tower_epochs, "two_tower", progress)
+    n_epochs = epochs or cfg.tower_epochs
+    stopper = EarlyStopping(model, cfg.patience, budget=cfg.model_budget, max_epochs=n_epochs)
+    bar = _epochs(n_epochs, "two_tower refit" if epochs else "two_tower", progress)
     for _ in bar:
         model.train()
         perm = torch.as_tensor(rng.permutation(len(rows)))
@@ -235,12 +242,37 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator, progress: bool
             loss.backward()
             opt.step()
         model.eval()
+        if epochs:                       # a refit: no validation left to choose by; the last epoch is kept
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if stopper.step(float(stopper.epochs)):
+                break
+            continue
         score = ev.two_tower(model)["recall@50"]
         bar.set_postfix(loss=f"{loss.item():.3f}", val_recall50=f"{score:.4f}")
         if stopper.step(score):
             break
-    _log(f"  two_tower: best validation recall@50 {stopper.restore():.4f}{stopper.note()}")
+    best = stopper.restore()
+    model.best_epoch = stopper.best_epoch
+    if not epochs:
+        _log(f"  two_tower: best validation recall@50 {best:.4f} at epoch {stopper.best_epoch}{stopper.note()}")
     return model
+
+
+def refit_two_tower(ds: Dataset, cfg: TrainConfig, chosen: TwoTower, choice: dict,
+                    progress: bool = True) -> tuple[TwoTower, dict]:
+    """The towers again, on train + valid, with the setting and the epoch count validation chose: what
+    `evaluate` ranks the test period with and the repository serves, so the towers know the same interactions
+    at test time as the refit baselines and sources do. The train-only towers (`chosen`) stay behind the choices
+    made on validation (the blend, the ranker and its gate)."""
+    epochs = max(1, int(chosen.best_epoch))
+    t0 = time.time()
+    model = train_two_tower(ds, replace(cfg, id_dropout=float(choice["id_dropout"]), patience=epochs + 1), None,
+                            progress, splits=(TRAIN, VALID), epochs=epochs)
+    info = {"splits": ["train", "valid"], "epochs": epochs, "seconds": round(time.time() - t0, 1),
+            "ran_epochs": int(model.best_epoch)}
+    _log(f"  two_tower: refit on train+valid for the {epochs} epochs validation chose, in {info['seconds']:.0f} s"
+         + ("" if info["ran_epochs"] == epochs else f" (the model budget stopped it after {info['ran_epochs']})"))
+    return model, info
 
 
 def warm_start(model: TwoTower, path: Path, ds: Dataset) -> dict:
@@ -520,6 +552,9 @@ def train_all(raw, out: Path, cfg: TrainConfig | None = None, progress: bool = T
     (out / "ranker_gate.json").write_text(json.dumps(gate, indent=2))
     _log(f"  ranker {'shipped' if gate['shipped'] else 'NOT shipped'}: validation ndcg@10 {gate['ranker']:.4f} "
          f"vs its retrieval order {gate['retrieval_order']:.4f} ({gate['users']} users, cross-fitted)")
+    if cfg.refit_towers:
+        served, tower_choice["refit"] = refit_two_tower(ds, cfg, two_tower, tower_choice, progress)
+        checkpoint.save(served, "two_tower", out / "two_tower.pt", ds.fingerprint, **meta)
     summary = {"seconds": round(time.time() - t0, 1), "fingerprint": ds.fingerprint, "config": asdict(cfg),
                "two_tower": tower_choice}
     (out / "train.json").write_text(json.dumps(summary, indent=2))

@@ -251,3 +251,29 @@ def test_the_towers_id_dropout_is_the_one_validation_preferred(artifacts: Path):
     assert [t["id_dropout"] for t in choice["tried"]] == list(CONFIG.id_dropout_grid)
     best = max(choice["tried"], key=lambda t: t["valid_recall@50"])
     assert choice["id_dropout"] == best["id_dropout"]
+
+
+def test_the_evaluated_and_served_towers_are_refit_on_train_and_valid_for_the_epochs_validation_chose(
+        artifacts: Path, metrics: dict):
+    choice = json.loads((artifacts / "train.json").read_text())["two_tower"]
+    refit = choice["refit"]
+    assert refit["splits"] == ["train", "valid"] and refit["ran_epochs"] == refit["epochs"] >= 1
+    assert metrics["protocol"]["test_time_data"]["two_tower"].startswith("refit on train+valid")
+
+
+def test_a_refit_trains_exactly_the_epochs_it_is_given_on_the_splits_it_is_given():
+    """And the train-only towers (`test_items_without_training_rows_keep_a_zero_id_embedding`) do not."""
+    from recserve.data.dataset import build_dataset
+    from recserve.train import train_two_tower
+
+    small = build_dataset(generate(n_users=60, n_items=400, n_interactions=3000, seed=0))
+    cfg = TrainConfig(tower_epochs=30, baselines_budget=0)
+    tower = train_two_tower(small, cfg, None, progress=False, splits=(TRAIN, VALID), epochs=3)
+    assert tower.best_epoch == 3
+    # it knows the validation interactions: an item first seen in validation gets a trained id row
+    emb = tower.item_tower.item_emb.weight.detach().numpy()
+    count = {split: np.bincount(small.items[small.split == split], minlength=small.n_items) for split in (TRAIN, VALID)}
+    valid_only = (count[TRAIN] == 0) & (count[VALID] > 0)
+    never = (count[TRAIN] + count[VALID]) == 0
+    assert valid_only.any() and never.any(), "the data this test needs"
+    assert (np.abs(emb[valid_only]).sum(axis=1) > 0).all() and (emb[never] == 0).all()
