@@ -65,11 +65,21 @@ class LocalPipeline:
         # one watchdog thread) and the retrieval order is served instead; a batch normally takes 1-10 ms.
         self.ranker_timeout = float(ranker_timeout)
         self._watch: tuple[object, float] | None = None
-        if self.ranker_timeout > 0:
-            threading.Thread(target=self._watchdog, name="ranker-watchdog", daemon=True).start()
+        self._watchdogs = 0
+        self.serving_thread()
 
-    def _watchdog(self) -> None:
-        while True:
+    def serving_thread(self) -> None:
+        """(Re)start the watchdog from the calling thread. A thread keeps the nice value of the thread that
+        started it, and the watchdog takes the GIL every 10 ms: started by a load at nice 19
+        (recserve.serving.steps.gentle), it held the GIL while the scheduler kept it off the cores, and requests
+        waited (c=1 throughput 0.6x). The served model calls this from the thread that answers requests."""
+        if self.ranker_timeout > 0:
+            self._watchdogs += 1
+            threading.Thread(target=self._watchdog, args=(self._watchdogs,), name="ranker-watchdog",
+                             daemon=True).start()
+
+    def _watchdog(self, generation: int) -> None:
+        while generation == self._watchdogs:        # a newer watchdog replaces this one
             time.sleep(min(0.01, self.ranker_timeout / 4))
             watch = self._watch
             if watch is not None and time.monotonic() > watch[1]:

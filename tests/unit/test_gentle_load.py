@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import types
@@ -95,3 +96,34 @@ def test_the_generated_model_py_loads_its_step_gently(tmp_path):
     cls = namespace["TritonPythonModel"]
     assert cls.__qualname__ == "gentle('fused')"
     assert {"initialize", "execute", "finalize"} <= set(vars(cls))
+
+
+def test_the_steps_module_is_imported_on_the_callers_thread_so_its_libraries_pools_keep_full_priority():
+    """numpy's, scipy's and faiss's BLAS pools start at import and keep the priority of the importing thread."""
+    code = """
+import os
+from recserve.serving import steps
+steps.gentle("fused")
+steps.load_gently(lambda: [__import__(m) for m in ("numpy", "faiss", "onnxruntime")], 19)   # each starts threads
+print(sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[0]"
+
+
+def test_the_ranker_watchdog_restarted_from_the_serving_thread_replaces_the_one_the_load_started():
+    """The watchdog takes the GIL every 10 ms; left at the load's nice 19 it stalled requests."""
+    code = """
+import os, threading, time
+from recserve.serving import steps
+from recserve.serving.local import LocalPipeline
+p = LocalPipeline.__new__(LocalPipeline)          # the watchdog's state only; no repository needed
+p.ranker_timeout, p._watch, p._watchdogs = 0.25, None, 0
+steps.load_gently(p.serving_thread, 19)            # as the load starts it
+p.serving_thread()                                  # as the served model calls it, from its own thread
+time.sleep(0.1)
+dogs = [t for t in threading.enumerate() if t.name == "ranker-watchdog"]
+print(len(dogs), os.getpriority(os.PRIO_PROCESS, dogs[0].native_id))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1 0"

@@ -82,6 +82,7 @@ class TritonPythonModel(BatchedModel):
 
     def serving_thread(self) -> None:
         self.pipeline.retriever.serving_thread()
+        self.pipeline.serving_thread()
 
     def _bls_rank(self, feed: dict[str, np.ndarray], timeout: float) -> list[np.ndarray]:
         """The `ranker` model of this version, asked through BLS (Triton's python backend calling another model);
