@@ -307,7 +307,7 @@ class Supervisor:
             self.before_swap(None)            # a deploy ends a split: the newest loaded version meanwhile
         models = [m for m in SWAP_ORDER if m in self.canaries.models] + \
             [m for m in self.canaries.models if m not in SWAP_ORDER]
-        record["loads"] = loads = []      # (model, monotonic start, seconds) per model loaded
+        record["loads"] = loads = []      # (model, monotonic start, seconds) per model loaded, then "on_swap"
         for model in models:
             t_model = time.monotonic()
             error = self._load(model)

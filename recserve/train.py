@@ -242,8 +242,8 @@ def train_two_tower(ds: Dataset, cfg: TrainConfig, ev: Evaluator | None, progres
             loss.backward()
             opt.step()
         model.eval()
-        if epochs:                       # a refit: no validation left to choose by; the last epoch is kept
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if epochs:   # a refit: nothing left to validate on; a rising score keeps the last epoch, and the stopper
+            bar.set_postfix(loss=f"{loss.item():.3f}")              # still applies the model budget
             if stopper.step(float(stopper.epochs)):
                 break
             continue
@@ -266,8 +266,8 @@ def refit_two_tower(ds: Dataset, cfg: TrainConfig, chosen: TwoTower, choice: dic
     made on validation (the blend, the ranker and its gate)."""
     epochs = max(1, int(chosen.best_epoch))
     t0 = time.time()
-    model = train_two_tower(ds, replace(cfg, id_dropout=float(choice["id_dropout"]), patience=epochs + 1), None,
-                            progress, splits=(TRAIN, VALID), epochs=epochs)
+    model = train_two_tower(ds, replace(cfg, id_dropout=float(choice["id_dropout"])), None, progress,
+                            splits=(TRAIN, VALID), epochs=epochs)
     info = {"splits": ["train", "valid"], "epochs": epochs, "seconds": round(time.time() - t0, 1),
             "ran_epochs": int(model.best_epoch)}
     _log(f"  two_tower: refit on train+valid for the {epochs} epochs validation chose, in {info['seconds']:.0f} s"

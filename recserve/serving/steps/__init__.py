@@ -10,8 +10,8 @@ per thread, and lowering one needs no privilege while raising it again does, hen
 The threads a load starts inherit its priority and keep it. So the step's module, and the libraries that start
 threads when imported (POOL_LIBRARIES: numpy's and faiss's BLAS pools, ONNX Runtime's own thread), are imported
 where model.py is, on the backend's thread. Imported in the load thread, a BLAS pool at nice 19 slowed every
-request (c=1 p50 2.6x FastAPI's). A step whose ONNX
-Runtime or OpenMP pools have more than one thread (they start during the load) loads at full priority.
+request (c=1 p50 2.6x FastAPI's). A step whose ONNX Runtime or OpenMP pools have more than one thread (they
+start during the load) loads at full priority.
 """
 
 from __future__ import annotations
