@@ -139,9 +139,17 @@ def prepare_backend_dir(dest: Path) -> Path:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free on ``host`` right now (for tests; racy by nature)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct TCP ports free on ``host`` right now: all are held open while the next is picked (two
+    `free_port()` calls in a row can return the same port once the first socket is closed)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -417,7 +425,7 @@ class TritonServer:
             from recserve.serving.frontdoor import find_nginx
 
             find_nginx()                      # says how to install it before anything starts
-            self.triton_http_port, self.triton_grpc_port = free_port(), free_port()
+            self.triton_http_port, self.triton_grpc_port = free_ports(2)
         self._workdir = Path(tempfile.mkdtemp(prefix="recserve-triton-"))
         self._backend_dir = prepare_backend_dir(self._workdir / "backends")
         if self._log_path is None:

@@ -27,3 +27,15 @@ def test_a_taken_port_names_the_flag_to_change():
     lines = ["E1121 07:00:00.0 1 grpc_server.cc:2463] \"Socket '127.0.0.1:8001' already in use \""]
     expected = "port 8001 is already in use; pass --grpc-port with a free port"
     assert _failure_reason(lines, {8001: "--grpc-port"}) == expected
+
+
+def test_free_ports_are_distinct_and_each_can_be_bound():
+    import socket
+
+    from recserve.server import free_ports
+
+    ports = free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
