@@ -13,6 +13,8 @@ best classic baseline (recall@50), both refit on train + valid. The cuts:
   sparse35-noattr  a seeded 35% of the ratings, without the user file: 2.2% dense, a long tail of items with
                  a rating or two and more cold test items, nearer a catalogue like MovieLens' "latest-small"
   synth          `recserve data synth` style data: 2,000 users, 1,500 items, 80,000 interactions
+  synth-longtail synthetic data shaped like "latest-small": 670 users, 9,000 Zipf-popular items (most with a
+                 handful of interactions), 100,000 interactions, no user file
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-CUTS = ("full", "users50", "items70", "time60-noattr", "nocontent", "sparse35-noattr", "synth")
+CUTS = ("full", "users50", "items70", "time60-noattr", "nocontent", "sparse35-noattr", "synth", "synth-longtail")
 
 
 def cut(raw, name: str, seed: int = 1):
-    """The RawData of one cut (`synth` ignores `raw`)."""
+    """The RawData of one cut (the synthetic ones ignore `raw`)."""
     from recserve.data import generate
 
     if name == "synth":
         return generate(n_users=2000, n_items=1500, n_interactions=80000, seed=3)
+    if name == "synth-longtail":
+        return dataclasses.replace(generate(n_users=670, n_items=9000, n_interactions=100000, seed=5), users=None)
     r, rng = raw.ratings, np.random.default_rng(seed)
     keep = lambda mask, **kw: dataclasses.replace(raw, ratings=r[mask].reset_index(drop=True),  # noqa: E731
                                                   source=name, **kw)

@@ -89,7 +89,7 @@ def train(
     mf_epochs: int = typer.Option(40, help="Maximum MF epochs (early stopping on validation)."),
     ranker_epochs: int = typer.Option(8, help="Maximum ranker epochs (early stopping on held-out users)."),
     budget_minutes: float = typer.Option(
-        1.5, "--budget-minutes", min=0.0,
+        2.0, "--budget-minutes", min=0.0,     # recserve.train.DEFAULT_BUDGET_MINUTES (torch loads lazily)
         help="Time for the searches on validation: the baselines' settings (which the ALS and neighbour sources "
              "reuse; 3/4 of it) and the blend weights (1/4). 0: default settings, towers-only blend."),
     distill: bool = typer.Option(False, "--distill", help="Also train a large teacher and a distilled student ranker."),

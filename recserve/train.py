@@ -65,8 +65,8 @@ class TrainConfig:
     candidates: int = 500
     patience: int = 4
     max_eval_users: int = 5000   # validation during training uses at most this many users
-    baselines_budget: float = 60.0   # seconds to tune EASE, item-kNN and ALS on validation (0: default settings)
-    blend_budget: float = 20.0       # seconds to choose the blend weights of the candidate sources on validation
+    baselines_budget: float = 90.0   # seconds to tune EASE, item-kNN and ALS on validation (0: default settings)
+    blend_budget: float = 30.0       # seconds to choose the blend weights of the candidate sources on validation
     threads: int = 0             # 0: torch's default
     model_budget: float = 0.0    # seconds of epochs per model (MF, each towers setting, ranker); 0: no limit
     resume: str = ""             # artifacts whose towers the new ones start from (`recserve train --resume`)
@@ -99,6 +99,9 @@ class Optimizer:
     def step(self) -> None:
         for o in self.opts:
             o.step()
+
+
+DEFAULT_BUDGET_MINUTES = 2.0   # `recserve train --budget-minutes`: TrainConfig's defaults are search_budget(2)
 
 
 def search_budget(minutes: float) -> dict[str, float]:

@@ -171,7 +171,9 @@ def test_tuning_picks_the_validation_best_and_tries_the_whole_grid(tuned):
     grids = {name: grid for name, (_, grid, _) in baselines.baselines().items()}
     assert set(tuned) == set(grids)
     for name, r in tuned.items():
-        assert r["tried"] == len(r["grid"]) == len(grids[name])
+        assert r["tried"] == len(r["grid"])
+        if name not in baselines.WALKED:
+            assert r["tried"] == len(grids[name])
         best = max(g["ndcg@10"] for g in r["grid"])
         assert r["valid"]["ndcg@10"] == best
         assert r["params"] in [g["params"] for g in r["grid"] if g["ndcg@10"] == best]
@@ -194,8 +196,30 @@ def test_a_tiny_budget_tries_one_seeded_setting_per_model(ds):
     r = tune_and_evaluate(ds, budget_seconds=0.0, seed=0, models=["ease", "itemknn"])
     assert [r[m]["tried"] for m in ("ease", "itemknn")] == [1, 1]
     assert all("test" in r[m] for m in r)
-    firsts = {tune_and_evaluate(ds, 0.0, seed=s, models=["ease"])["ease"]["params"]["lam"] for s in range(6)}
+    firsts = {str(tune_and_evaluate(ds, 0.0, seed=s, models=["itemknn"])["itemknn"]["params"]) for s in range(6)}
     assert len(firsts) > 1      # the one setting is a seeded random pick, not always the grid's first
+    lams = sorted(g["lam"] for g in baselines.EASE_GRID)
+    assert r["ease"]["params"]["lam"] == lams[len(lams) // 2]    # EASE's walk starts in the middle of its ladder
+
+
+def test_eases_walk_ends_on_a_lambda_both_of_whose_neighbours_score_lower(tuned):
+    lams = sorted(g["lam"] for g in baselines.EASE_GRID)
+    scores = {g["params"]["lam"]: (g["ndcg@10"], g["recall@50"]) for g in tuned["ease"]["grid"]}
+    best = tuned["ease"]["params"]["lam"]
+    j = lams.index(best)
+    neighbours = [lams[n] for n in (j - 1, j + 1) if 0 <= n < len(lams)]
+    assert all(n in scores and scores[n] <= scores[best] for n in neighbours)
+    assert tuned["ease"]["tried"] < len(lams)       # a walk, not the whole ladder
+
+
+def test_a_walk_climbs_past_the_middle_to_the_better_end_and_stops():
+    score = {v: -abs(v - 5000) for v in (2, 20, 200, 2000, 5000, 10000)}     # best at 5000
+    propose = baselines.walk(list(score), "lam")
+    tried = []
+    while (p := propose(tried)) is not None:
+        tried.append({"params": p, "ndcg@10": score[p["lam"]], "recall@50": 0.0})
+    assert [t["params"]["lam"] for t in tried] == [2000, 5000, 10000]
+    assert baselines.walk([1, 2, 3], "k")([]) == {"k": 2}
 
 
 def test_ease_is_reported_skipped_above_its_limit(ds, monkeypatch):
@@ -208,3 +232,15 @@ def test_ease_is_reported_skipped_above_its_limit(ds, monkeypatch):
 def test_unknown_baseline_names_are_refused(ds):
     with pytest.raises(ValueError, match="unknown baselines"):
         tune_and_evaluate(ds, models=["ease", "svd"])
+
+
+def test_the_cli_and_train_config_share_one_default_search_budget():
+    import inspect
+
+    from recserve import cli
+    from recserve.train import DEFAULT_BUDGET_MINUTES, TrainConfig, search_budget
+
+    default = inspect.signature(cli.train).parameters["budget_minutes"].default.default
+    config = TrainConfig()
+    assert default == DEFAULT_BUDGET_MINUTES
+    assert search_budget(default) == {"baselines_budget": config.baselines_budget, "blend_budget": config.blend_budget}
