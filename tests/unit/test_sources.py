@@ -156,3 +156,22 @@ def test_blend_tuning_over_pools_gives_the_full_ranking_figures_when_the_pools_h
 
 def full_towers_ndcg(ev, uv, iv) -> float:
     return ev._metrics(lambda u: uv[u] @ iv.T)[0]["ndcg@10"]
+
+
+def test_refinement_moves_a_weight_between_grid_values_and_ignores_noise_level_gains():
+    import time
+
+    from recserve import sources
+
+    def rank_with(w):        # validation ndcg@10 peaks where als = 0.7 x two_tower; popularity adds 0.1%
+        nd = 0.2 - (w["als"] - 0.7 * w["two_tower"]) ** 2 + 0.0002 * (w["popularity"] > 0)
+        return {"ndcg@10": nd, "recall@50": 0.3}
+
+    start = {"two_tower": 1.0, "als": 1.0, "popularity": 0.0, "neighbours": 0.0}
+    first = ((rank_with(start)["ndcg@10"], 0.3), start, rank_with(start))
+    (nd, _), w, _ = sources._refine(first, rank_with, time.perf_counter() + 60)[0]
+    assert w["als"] / w["two_tower"] == pytest.approx(0.7, abs=0.03)   # the grid's 1:1 is 0.09 below the peak
+    assert w["popularity"] == 0.0 and w["neighbours"] == 0.0      # +0.1% is under REFINE_MIN_GAIN
+    assert nd > 0.199
+    _, moves = sources._refine(first, rank_with, time.perf_counter())    # no time left: no moves
+    assert moves == []
