@@ -353,6 +353,7 @@ def _refine(best: tuple, rank_with, deadline: float) -> tuple[tuple, list[dict]]
     passes repeated until one keeps nothing or the deadline passes. The grid is coarse (3-4 values a weight, so
     ratios between terms of 1:1, 1:2 or 1:4); the refinement reaches the ratios in between."""
     moves = []
+    done = {tuple(best[1].values())}
     improved = True
     while improved and time.perf_counter() < deadline:
         improved = False
@@ -362,8 +363,9 @@ def _refine(best: tuple, rank_with, deadline: float) -> tuple[tuple, list[dict]]
             values = [w[t] * f for f in REFINE_FACTORS if f != 1.0] if w[t] else [top * f for f in REFINE_NEW]
             for v in values:
                 cand = {**w, t: round(float(v), 4)}
-                if not any(cand.values()) or time.perf_counter() >= deadline:
+                if not any(cand.values()) or tuple(cand.values()) in done or time.perf_counter() >= deadline:
                     continue
+                done.add(tuple(cand.values()))
                 got = rank_with(cand)
                 gain = got["ndcg@10"] >= nd * (1.0 + REFINE_MIN_GAIN) and got["ndcg@10"] > nd
                 moves.append({"weights": cand, "ndcg@10": got["ndcg@10"], "recall@50": got["recall@50"],
