@@ -330,7 +330,7 @@ def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
         key = (m["ndcg@10"], m["recall@50"])
         if best is None or key > best[0]:
             best = (key, w, m)
-    grid_best = best[1]
+    grid_best = {"weights": best[1], "ndcg@10": best[2]["ndcg@10"], "recall@50": best[2]["recall@50"]}
     best, refined = _refine(best, rank_with, t0 + budget_seconds)
     _, w, valid = best
     coef = {t: float(w[t] / scale[t]) for t in TERMS}
