@@ -313,6 +313,11 @@ def export_repository_cmd(
     typer.echo(f"wrote {repository} ({m['flavor']}, {m['precision']}): {' -> '.join(m['path'])}, "
                f"K={m['candidates']}, k <= {m['k_max']}, index {i['spec']['kind']} "
                f"recall@{i['recall_k']} vs exact {i['recall_vs_exact']:.4f}")
+    if not m.get("ranker", {}).get("shipped", True):
+        typer.echo("the ranker is not shipped (its gate on validation preferred the retrieval order): the ranker "
+                   "step keeps the retrieval order"
+                   + ("; with INT8 only the user tower is quantised, which measured slower than FP32 on ML-100K "
+                      "(README, Serving)" if m["precision"] == "int8" else ""))
     if i.get("auto"):
         a = i["auto"]
         rk = f"recall@{a['k']}"

@@ -89,3 +89,19 @@ def test_items_add_on_a_bad_file_or_repository_is_one_clean_line(runner: CliRunn
     missing = runner.invoke(app, ["items", "add", "--repository", str(tmp_path / "nowhere"), "--items",
                                   str(tmp_path / "bad.csv")])
     assert "manifest.json" in _error_line(missing)
+
+
+def test_export_repository_says_when_the_ranker_step_keeps_the_retrieval_order(runner: CliRunner, tmp_path: Path,
+                                                                               tiny_artifacts):
+    import shutil
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, artifacts)
+    gate = json.loads((artifacts / "ranker_gate.json").read_text())
+    (artifacts / "ranker_gate.json").write_text(json.dumps({**gate, "shipped": False}))
+    result = runner.invoke(app, ["export", "repository", "--artifacts", str(artifacts),
+                                 "--repository", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
+    assert "the ranker is not shipped" in result.output and "keeps the retrieval order" in result.output
+    manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
+    assert manifest["ranker"]["shipped"] is False
