@@ -102,8 +102,10 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     resume: Path | None = typer.Option(None, "--resume", help="Artifacts of an earlier run: the towers start from "
                                        "its weights (ids carried over by raw id) and keep its settings."),
-    titles: bool = typer.Option(False, "--titles", help="The item tower also reads its title's words (off by "
-                                "default: on ML-100K it halved cold items' recall; README \"Cold items\")."),
+    titles: bool = typer.Option(False, "--titles", help="The item tower always reads its title's words (by "
+                                "default they are tried once and kept only on a 1% validation gain)."),
+    titles_trial: bool = typer.Option(True, "--titles-trial/--no-titles-trial",
+                                      help="Try title words once (one more towers training) unless --titles."),
 ):
     """Train popularity, BPR-MF, the two-tower retrieval model and the DCN-v2 ranker."""
     from recserve.train import TrainConfig, search_budget, train_all
@@ -111,7 +113,8 @@ def train(
     if resume is not None and not (resume / "two_tower.pt").is_file():
         raise ArtifactError(f"--resume {resume}: no two_tower.pt there; give the --out of an earlier `recserve train`")
     cfg = TrainConfig(seed=seed, tower_epochs=tower_epochs, mf_epochs=mf_epochs, ranker_epochs=ranker_epochs,
-                      resume=str(resume.resolve()) if resume else "", titles=titles, model_budget=60.0 * model_minutes,
+                      resume=str(resume.resolve()) if resume else "", titles=titles, titles_trial=titles_trial,
+                      model_budget=60.0 * model_minutes,
                       **search_budget(budget_minutes))
     train_all(load_data(data), out, cfg, progress=not quiet)
     if distill:

@@ -277,3 +277,35 @@ def test_a_refit_trains_exactly_the_epochs_it_is_given_on_the_splits_it_is_given
     never = (count[TRAIN] + count[VALID]) == 0
     assert valid_only.any() and never.any(), "the data this test needs"
     assert (np.abs(emb[valid_only]).sum(axis=1) > 0).all() and (emb[never] == 0).all()
+
+
+def test_title_words_are_tried_once_and_kept_only_on_a_clear_validation_gain(monkeypatch):
+    """Titles that tell items apart get one trial towers training with the chosen id dropout; the decision
+    follows TITLES_MIN_GAIN on validation recall@50, and the refit trains the towers with the same choice."""
+    import dataclasses
+
+    from recserve import train as train_mod
+    from recserve.data.dataset import build_dataset
+    from recserve.train import TITLES_MIN_GAIN, _val_evaluator, best_two_tower, has_title_words
+
+    raw = generate(n_users=150, n_items=120, n_interactions=4000, seed=4)
+    assert not has_title_words(build_dataset(raw))            # synthetic titles are one word: no trial
+    words = np.array(["red", "blue", "green", "dark", "night", "love", "war", "city", "star", "river"])
+    rng = np.random.default_rng(0)
+    titles = [" ".join(rng.choice(words, 2, replace=False)) + f" ({y})" for y in raw.items.year]
+    ds = build_dataset(dataclasses.replace(raw, items=raw.items.assign(title=titles)))
+    assert has_title_words(ds)
+    cfg = TrainConfig(tower_epochs=2, baselines_budget=0, id_dropout_grid=(0.0,))
+    trained = []
+    real = train_mod.train_two_tower
+    monkeypatch.setattr(train_mod, "train_two_tower",
+                        lambda d, c, *a, **k: (trained.append(c.titles), real(d, c, *a, **k))[1])
+    model, info = best_two_tower(ds, cfg, _val_evaluator(ds, cfg), progress=False)
+    trial = info["titles_trial"]
+    assert trained == [False, True]
+    assert trial["kept"] == (trial["valid_recall@50"] >= trial["without"] * (1 + TITLES_MIN_GAIN)) == info["titles"]
+    assert (model.cfg.title_vocab > 0) == info["titles"]
+    refit, _ = train_mod.refit_two_tower(ds, cfg, model, {**info, "titles": True}, progress=False)
+    assert trained[-1] is True and refit.cfg.title_vocab > 0
+    _, forced = best_two_tower(ds, dataclasses.replace(cfg, titles=True), _val_evaluator(ds, cfg), progress=False)
+    assert "titles_trial" not in forced and forced["titles"] is True and trained[-1] is True
