@@ -358,9 +358,9 @@ def _refine(best: tuple, rank_with, deadline: float) -> tuple[tuple, list[dict]]
     while improved and time.perf_counter() < deadline:
         improved = False
         for t in TERMS:
-            (nd, rc), w, m = best
-            top = max(w.values())
-            values = [w[t] * f for f in REFINE_FACTORS if f != 1.0] if w[t] else [top * f for f in REFINE_NEW]
+            (nd, _), w, _ = best
+            values = ([w[t] * f for f in REFINE_FACTORS if f != 1.0] if w[t]
+                      else [max(w.values()) * f for f in REFINE_NEW])
             for v in values:
                 cand = {**w, t: round(float(v), 4)}
                 if not any(cand.values()) or tuple(cand.values()) in done or time.perf_counter() >= deadline:
