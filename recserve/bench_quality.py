@@ -15,6 +15,8 @@ best classic baseline (recall@50), both refit on train + valid. The cuts:
   synth          `recserve data synth` style data: 2,000 users, 1,500 items, 80,000 interactions
   synth-longtail synthetic data shaped like "latest-small": 670 users, 9,000 Zipf-popular items (most with a
                  handful of interactions), 100,000 interactions, no user file
+  synth-drift    `synth` with a clock that means something (`generate(drift=8)`): users pick what was current in
+                 their era, as on a MovieLens set spanning decades; no user file
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-CUTS = ("full", "users50", "items70", "time60-noattr", "nocontent", "sparse35-noattr", "synth", "synth-longtail")
+CUTS = ("full", "users50", "items70", "time60-noattr", "nocontent", "sparse35-noattr", "synth", "synth-longtail",
+        "synth-drift")
 
 
 def cut(raw, name: str, seed: int = 1):
@@ -36,6 +39,9 @@ def cut(raw, name: str, seed: int = 1):
 
     if name == "synth":
         return generate(n_users=2000, n_items=1500, n_interactions=80000, seed=3)
+    if name == "synth-drift":
+        return dataclasses.replace(generate(n_users=2000, n_items=1500, n_interactions=80000, seed=3, drift=8.0),
+                                   users=None)
     if name == "synth-longtail":
         return dataclasses.replace(generate(n_users=670, n_items=9000, n_interactions=100000, seed=5), users=None)
     r, rng = raw.ratings, np.random.default_rng(seed)

@@ -58,11 +58,13 @@ def data_synth(
     interactions: int = typer.Option(150_000, help="Approximate number of interactions."),
     categories: int = typer.Option(18, help="Number of item categories (genres)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same data."),
+    drift: float = typer.Option(0.0, help="Pull of each user towards items released in their era (0: times "
+                                "carry no signal; 8: strong). Needs users x items <= 33.5M."),
 ):
     """Synthesise interactions with planted user/item structure, in MovieLens-1M format."""
     from recserve.data import generate, write_ml1m
 
-    raw = generate(users, items, interactions, n_categories=categories, seed=seed)
+    raw = generate(users, items, interactions, n_categories=categories, seed=seed, drift=drift)
     write_ml1m(raw, out)
     typer.echo(f"wrote {len(raw.ratings)} interactions, {users} users, {items} items to {out}")
 

@@ -175,7 +175,8 @@ def _grow_sources(path: Path, dst: Path, new_index: np.ndarray, n: int) -> None:
         nbr.sort_indices()
         recent = np.where(v.recent < old_n, new_index[np.minimum(v.recent, old_n - 1)], n).astype(np.int64)
         views[name] = type(v)(als_user=v.als_user, als_item=_grow(v.als_item, new_index, n), nbr=nbr,
-                              pop=_grow(v.pop, new_index, n), recent=recent)
+                              pop=_grow(v.pop, new_index, n), recent=recent, ctx_user=v.ctx_user,
+                              ctx_item=_grow(v.ctx_item, new_index, n))
     save_sources(dst, views)
 
 

@@ -140,6 +140,9 @@ class Reference:
         v = self.VIEW.get(target, "serve")
         with np.load(artifacts / "sources.npz") as z:
             self.als_user, self.als_item, self.pop = z[f"{v}/als_user"], z[f"{v}/als_item"], z[f"{v}/pop"]
+            # the context term: users' shares of their newest interactions per period, items' log counts per period
+            self.ctx_user, self.ctx_item = ((z[f"{v}/ctx_user"], z[f"{v}/ctx_item"]) if f"{v}/ctx_user" in z
+                                            else (np.zeros((len(self.als_user), 0)), np.zeros((len(self.pop), 0))))
             n = self.ds.n_items
             self.nbr = np.zeros((n, n), np.float64)
             indptr, indices, data = z[f"{v}/nbr_indptr"], z[f"{v}/nbr_indices"], z[f"{v}/nbr_data"]
@@ -153,7 +156,7 @@ class Reference:
         each over the items the user has not seen, no item twice."""
         c = self.coef
         vec = (c["two_tower"] * (uv @ self.item_vecs.T) + c["als"] * (self.als_user[users] @ self.als_item.T)
-               + c["popularity"] * self.pop[None, :])
+               + c["popularity"] * self.pop[None, :] + c.get("context", 0.0) * (self.ctx_user[users] @ self.ctx_item.T))
         n = self.ds.n_items
         cand = np.zeros((len(users), self.candidates), np.int64)
         real = np.zeros(cand.shape, bool)

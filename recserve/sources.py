@@ -3,8 +3,13 @@
 A user's K candidates come from four sources, merged by the candidate rule (`recserve.ranking.merge_sources`):
 
   vectors     one inner-product search over the *blend vector*: [c_tt * user tower vector, c_als * ALS user
-              factors, c_pop] against [item tower vector, ALS item factors, log popularity], which is exactly
-              the linear blend of the three dense scores, so one FAISS index serves all three;
+              factors, c_pop, c_ctx * user's periods] against [item tower vector, ALS item factors, log
+              popularity, log popularity per period], which is exactly the linear blend of the four dense
+              scores, so one FAISS index serves them all. The *context* term is "popular and trending in the
+              user's time": the view's timeline is cut into CONTEXT_PERIODS periods of equal interaction counts;
+              a user's side is the share of their CONTEXT_RECENT newest interactions in each period, an item's
+              its log(1 + count) in each, so a user active long ago gets what was popular then, and a user
+              active now what is trending now;
   neighbours  item-to-item: the user's RECENT newest items, each with its NEIGHBOURS strongest successors in
               a precomputed table (EASE^R's weights, or item-kNN's above EASE_MAX_ITEMS items); an item's
               score is the sum over the user's recent items (items with a positive score only);
@@ -15,7 +20,8 @@ A user's K candidates come from four sources, merged by the candidate rule (`rec
 
 Each source gets a quota of the K (QUOTA), the rest are the vector search's best; duplicates and seen items are
 removed, so every user gets K distinct unseen candidates when the catalogue has them. The retrieval order is
-the blend score  c_tt * tower dot + c_als * ALS dot + c_pop * popularity + c_nbr * neighbour score,  whose
+the blend score  c_tt * tower dot + c_als * ALS dot + c_pop * popularity + c_ctx * context + c_nbr * neighbour
+score,  whose
 weights are chosen on validation (`tune_blend`); the ranker sees SRC_FEATURES of every candidate.
 
 The sources are fitted once per *view* (which interactions are known) by `recserve train`: `valid` (train split:
@@ -40,13 +46,17 @@ from recserve.ranking import PAD_ID, Seen, candidates, merge_sources, top_positi
 
 TRAIN, VALID, TEST, UPDATE = 0, 1, 2, 3   # as recserve.data.dataset (not imported: the served step stays pandas-free)
 VIEWS = {"valid": (TRAIN,), "test": (TRAIN, VALID), "serve": (TRAIN, VALID, TEST, UPDATE)}
-TERMS = ("two_tower", "als", "popularity", "neighbours")          # the blend's terms, in this order
+TERMS = ("two_tower", "als", "popularity", "neighbours", "context")   # the blend's terms, in this order
 SRC_FEATURES = ("blend", "als", "neighbours")                    # the ranker's `cand_src` columns
 NEIGHBOURS = 100         # successors kept per item in the neighbour table
 RECENT = 50              # the user's newest items the neighbour source starts from
+CONTEXT_PERIODS = 8      # the context term's periods: quantiles of the view's interaction times
+CONTEXT_RECENT = 10      # a user's newest interactions whose periods make their side of the context term
 QUOTA = {"neighbours": 0.2, "popularity": 0.05, "new": 0.02}     # share of K each source may fill first
 WEIGHT_GRID = {"two_tower": (0.0, 0.25, 0.5, 1.0), "als": (0.0, 0.25, 0.5, 1.0),
-               "popularity": (0.0, 0.1, 0.2), "neighbours": (0.0, 0.25, 0.5, 1.0)}
+               "popularity": (0.0, 0.1, 0.2), "neighbours": (0.0, 0.25, 0.5, 1.0), "context": (0.0,)}
+# the context term is left to the refinement (REFINE_NEW): on every set measured it scored within noise of the
+# collaborative terms it overlaps, so doubling the grid for it would halve the grid the budget covers
 
 
 @dataclass
@@ -58,6 +68,13 @@ class ViewSources:
     nbr: sp.csr_matrix        # (I, I) float32: row j holds item j's NEIGHBOURS strongest successors
     pop: np.ndarray           # (I,) float32 log(1 + count) over the view's interactions
     recent: np.ndarray        # (U, RECENT) int64 newest first, padded with n_items
+    ctx_user: np.ndarray | None = None   # (U, P) float32 share of the user's newest interactions per period
+    ctx_item: np.ndarray | None = None   # (I, P) float32 log(1 + count) per period; None: P = 0 (older files)
+
+    def __post_init__(self):
+        if self.ctx_user is None or self.ctx_item is None:
+            self.ctx_user = np.zeros((len(self.als_user), 0), np.float32)
+            self.ctx_item = np.zeros((len(self.pop), 0), np.float32)
 
     @cached_property
     def is_new(self) -> np.ndarray:
@@ -91,16 +108,17 @@ class Blend:
 
     coef: dict[str, float]
 
-    def query(self, user_vec: np.ndarray, als_user: np.ndarray) -> np.ndarray:
-        """(B, D + F + 1) blend vectors of users, for the inner-product index over `item_matrix`."""
+    def query(self, user_vec: np.ndarray, als_user: np.ndarray, ctx_user: np.ndarray) -> np.ndarray:
+        """(B, D + F + 1 + P) blend vectors of users, for the inner-product index over `item_matrix`."""
         c = self.coef
         return np.concatenate([c["two_tower"] * user_vec, c["als"] * als_user,
-                               np.full((len(user_vec), 1), c["popularity"], np.float32)], axis=1).astype(np.float32)
+                               np.full((len(user_vec), 1), c["popularity"], np.float32),
+                               c.get("context", 0.0) * ctx_user], axis=1).astype(np.float32)
 
     @staticmethod
     def item_matrix(item_vec: np.ndarray, src: ViewSources) -> np.ndarray:
-        """(I, D + F + 1) the items' side of the blend vector."""
-        return np.concatenate([item_vec, src.als_item, src.pop[:, None]], axis=1).astype(np.float32)
+        """(I, D + F + 1 + P) the items' side of the blend vector."""
+        return np.concatenate([item_vec, src.als_item, src.pop[:, None], src.ctx_item], axis=1).astype(np.float32)
 
 
 # ---- the candidate rule over the sources ----------------------------------------------------------------------
@@ -227,9 +245,32 @@ def fit_view(ds, view: str, params: dict, seed: int = 0) -> ViewSources:
     else:
         table = _top_per_row(ItemKNN(**params["itemknn"]).fit(X).S, NEIGHBOURS)
     counts = np.asarray(X.sum(axis=0)).ravel()
+    ctx_user, ctx_item = context_tables(ds, VIEWS[view])
     return ViewSources(als_user=als.user_factors.astype(np.float32), als_item=als_item, nbr=table,
                        pop=np.log1p(counts).astype(np.float32),
-                       recent=ds.last_history(*VIEWS[view], length=RECENT))
+                       recent=ds.last_history(*VIEWS[view], length=RECENT), ctx_user=ctx_user, ctx_item=ctx_item)
+
+
+def context_tables(ds, splits: tuple[int, ...], periods: int = CONTEXT_PERIODS, recent: int = CONTEXT_RECENT
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The context term's two sides over the interactions of `splits`: (U, P) each user's share of their
+    `recent` newest interactions in each period, (I, P) each item's log(1 + count) in each period. The periods
+    are quantiles of the interaction times (equal counts, so a long quiet stretch is not a period of its own); a
+    time on an edge belongs to the later period, and with one timestamp throughout everything is the last one."""
+    m = np.isin(ds.split, splits)
+    users, items, ts = ds.users[m], ds.items[m], ds.timestamps[m]     # sorted by user, then time
+    if len(ts) == 0:
+        return np.zeros((ds.n_users, periods), np.float32), np.zeros((ds.n_items, periods), np.float32)
+    edges = np.quantile(ts, np.linspace(0.0, 1.0, periods + 1)[1:-1])
+    period = np.searchsorted(edges, ts, side="right")
+    item = np.bincount(items * periods + period, minlength=ds.n_items * periods).reshape(ds.n_items, periods)
+    n_user = np.bincount(users, minlength=ds.n_users)
+    ends = np.cumsum(n_user)
+    from_end = ends[users] - np.arange(len(users))                 # 1 for a user's newest interaction
+    keep = from_end <= recent
+    user = np.bincount(users[keep] * periods + period[keep], minlength=ds.n_users * periods).reshape(-1, periods)
+    user = user / np.maximum(user.sum(axis=1, keepdims=True), 1)
+    return user.astype(np.float32), np.log1p(item).astype(np.float32)
 
 
 def save_sources(path: Path, views: dict[str, ViewSources]) -> None:
@@ -238,7 +279,8 @@ def save_sources(path: Path, views: dict[str, ViewSources]) -> None:
     for name, v in views.items():
         arrays.update({f"{name}/als_user": v.als_user, f"{name}/als_item": v.als_item, f"{name}/pop": v.pop,
                        f"{name}/nbr_indptr": v.nbr.indptr, f"{name}/nbr_indices": v.nbr.indices,
-                       f"{name}/nbr_data": v.nbr.data, f"{name}/recent": v.recent.astype(np.int32)})
+                       f"{name}/nbr_data": v.nbr.data, f"{name}/recent": v.recent.astype(np.int32),
+                       f"{name}/ctx_user": v.ctx_user, f"{name}/ctx_item": v.ctx_item})
     np.savez(path, **arrays)
 
 
@@ -251,8 +293,10 @@ def read_view(path: Path, view: str) -> ViewSources:
             raise ArtifactError(f"{path} has no view {view!r}: rerun `recserve train`")
         n = len(z[f"{view}/pop"])
         nbr = sp.csr_matrix((z[f"{view}/nbr_data"], z[f"{view}/nbr_indices"], z[f"{view}/nbr_indptr"]), shape=(n, n))
+        ctx = (z[f"{view}/ctx_user"], z[f"{view}/ctx_item"]) if f"{view}/ctx_user" in z else (None, None)
         return ViewSources(als_user=z[f"{view}/als_user"], als_item=z[f"{view}/als_item"], nbr=nbr,
-                           pop=z[f"{view}/pop"], recent=z[f"{view}/recent"].astype(np.int64))
+                           pop=z[f"{view}/pop"], recent=z[f"{view}/recent"].astype(np.int64),
+                           ctx_user=ctx[0], ctx_item=ctx[1])
 
 
 def load_view(artifacts: Path, view: str) -> ViewSources:
@@ -284,7 +328,7 @@ def term_scores(user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources, us
     users = np.asarray(users, dtype=np.int64)
     return {"two_tower": user_vec @ item_vec.T, "als": src.als_user[users] @ src.als_item.T,
             "popularity": np.broadcast_to(src.pop, (len(users), len(src.pop))),
-            "neighbours": src.neighbour_rows(users).toarray()}
+            "neighbours": src.neighbour_rows(users).toarray(), "context": src.ctx_user[users] @ src.ctx_item.T}
 
 
 POOL_ITEMS = 20_000      # above this many items, tune_blend ranks a pool per user instead of every item
@@ -319,7 +363,7 @@ def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
     t0 = time.perf_counter()          # the budget is for trying settings; the score rows are a fixed cost
     grid = [dict(zip(TERMS, w)) for w in itertools.product(*(WEIGHT_GRID[t] for t in TERMS)) if any(w)]
     rng = np.random.default_rng([seed, zlib.crc32(b"blend")])
-    first = {"two_tower": 1.0, "als": 0.0, "popularity": 0.0, "neighbours": 0.0}
+    first = {t: float(t == "two_tower") for t in TERMS}
     order = [first] + [grid[j] for j in rng.permutation(len(grid)) if grid[j] != first]
     tried, best = [], None
     for w in order:
@@ -337,13 +381,14 @@ def tune_blend(ev, user_vec: np.ndarray, item_vec: np.ndarray, src: ViewSources,
     info = {"weights": w, "scale": scale, "coef": coef, "valid": valid, "tried": len(tried), "grid_size": len(grid),
             "grid_best": grid_best, "refined": refined,
             "seconds": round(time.perf_counter() - t0, 2), "rows_seconds": round(t0 - t_rows, 2), "metric": how,
-            "rule": {"quota": QUOTA, "recent": RECENT, "neighbours": NEIGHBOURS}}
+            "rule": {"quota": QUOTA, "recent": RECENT, "neighbours": NEIGHBOURS,
+                     "context": {"periods": CONTEXT_PERIODS, "recent": CONTEXT_RECENT}}}
     return Blend(coef), info
 
 
 REFINE_SHARE = 1 / 3          # of the blend budget kept for refining the grid's best point (`_refine`)
 REFINE_FACTORS = (0.0, 0.5, 0.7, 1.4, 2.0)   # each weight is tried at these multiples of its value ...
-REFINE_NEW = (0.05, 0.1)      # ... and a zero weight at these shares of the largest weight
+REFINE_NEW = (0.05, 0.1, 0.25, 0.5)   # ... and a zero weight at these shares of the largest weight
 REFINE_MIN_GAIN = 0.003       # relative validation ndcg@10 gain a refined point needs (not noise-level moves)
 
 
@@ -426,13 +471,13 @@ def offline_candidates(blend: Blend, user_vec: np.ndarray, items: np.ndarray, sr
     `items` is `Blend.item_matrix(item vectors, src)`, built once by the caller (it is the whole catalogue).
     """
     users = np.asarray(users, dtype=np.int64)
-    q = blend.query(user_vec, src.als_user[users])
+    q = blend.query(user_vec, src.als_user[users], src.ctx_user[users])
     nbr_rows = src.neighbour_rows(users)
     k = min(k, len(items))
     cand = assemble(candidates(q @ items.T, users, seen, k), nbr_rows, users, seen, src, k, user_vec, items)
     return cand, source_features(blend, q, items, nbr_rows, src.als_user[users], src.als_item, cand)
 
 
-__all__ = ["Blend", "QUOTA", "SRC_FEATURES", "TERMS", "VIEWS", "ViewSources", "assemble", "fit_view",
-           "load_blend", "load_view", "offline_candidates", "read_view", "save_sources", "source_features",
-           "tune_blend"]
+__all__ = ["Blend", "QUOTA", "SRC_FEATURES", "TERMS", "VIEWS", "ViewSources", "assemble", "context_tables",
+           "fit_view", "load_blend", "load_view", "offline_candidates", "read_view", "save_sources",
+           "source_features", "tune_blend"]

@@ -411,7 +411,8 @@ def ranker_examples(ds: Dataset, two_tower: TwoTower, cfg: TrainConfig, sources:
     if sources is not None:
         blend, view = sources
         als_user = view.als_user[ev.users]
-        src = source_features(blend, blend.query(uv, als_user)[rows], items, view.neighbour_rows(ev.users)[rows],
+        query = blend.query(uv, als_user, view.ctx_user[ev.users])
+        src = source_features(blend, query[rows], items, view.neighbour_rows(ev.users)[rows],
                               als_user[rows], view.als_item, groups)
     return ranker_batch(ev.tables, fu, uv[rows], hour, weekday, groups, iv, src)
 

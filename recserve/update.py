@@ -29,7 +29,7 @@ def update(artifacts: Path, events: Path) -> dict:
     from recserve.baselines import interactions
     from recserve.data.dataset import UPDATE, Dataset
     from recserve.events import read_events
-    from recserve.sources import RECENT, VIEWS, read_view, save_sources
+    from recserve.sources import RECENT, VIEWS, context_tables, read_view, save_sources
 
     artifacts = Path(artifacts)
     ds = Dataset.load(artifacts / "dataset.npz")
@@ -84,6 +84,7 @@ def update(artifacts: Path, events: Path) -> dict:
     X = interactions(ds, *VIEWS["serve"])                # as `recserve.sources.fit_view` counts them
     serve.pop = np.log1p(np.asarray(X.sum(axis=0)).ravel()).astype(np.float32)
     serve.recent = ds.last_history(*VIEWS["serve"], length=RECENT)
+    serve.ctx_user, serve.ctx_item = context_tables(ds, VIEWS["serve"])   # the new events are the newest period
     for cached in ("pop_order", "is_new", "new_items"):  # derived from the old popularity
         serve.__dict__.pop(cached, None)
     tmp = artifacts / ".sources.update.npz"

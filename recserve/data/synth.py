@@ -7,7 +7,12 @@ The model behind the data, which a good recommender should recover:
 * every user prefers 1-3 categories; their latent vector mixes those centroids, plus noise;
 * a user picks items without replacement with probability proportional to ``exp(u.v / tau + bias)``;
 * ratings grow with the affinity ``u.v``; each user is active around a preferred hour of the day, which follows
-  their dominant category, and their gender, age and occupation lean on it too.
+  their dominant category, and their gender, age and occupation lean on it too;
+* with ``drift`` > 0 the clock means something: every item has a release moment, uniform over the timeline, users
+  stay active for longer (a median of two years), and at each moment a user leans towards what was released
+  around then: the logit gets ``-drift * |now - release|`` (as shares of the timeline; ``now`` is the mean time
+  of each quarter of the user's interactions). A user's newest interactions then follow the clock rather than
+  their own past, as on a MovieLens set that spans decades. Without it, times carry no signal beyond the hour.
 
 Small problems are sampled exactly. Large ones (1M items, 10M interactions) draw, per user, a candidate pool from
 the preferred categories by popularity (plus some exploration of the whole catalogue) and keep the Gumbel-top-n
@@ -45,6 +50,8 @@ _SCORE_SPAN = 4096  # pool scores are clipped to +-_SCORE_SPAN / 2 so that user 
 _START = 852076800  # 1997-01-01 UTC
 _END = 1072915199  # 2003-12-31 23:59:59 UTC
 _DAY = 86400
+DRIFT_PHASES = 4  # with drift, each quarter of a user's interactions leans towards what was released around then
+DRIFT_SPAN = 730 * _DAY  # ... and users' median activity span is two years (120 days without drift)
 
 
 @dataclass
@@ -59,10 +66,14 @@ class SynthTruth:
     user_vectors: np.ndarray  # (n_users, dim)
     preferred_hour: np.ndarray  # (n_users,) hour of day in [0, 24)
     category_names: list[str]
+    user_era: np.ndarray | None = None  # (n_users,) in [0, 1): where activity starts, as a share of the timeline
+    item_release: np.ndarray | None = None  # (n_items,) in [0, 1); both None without drift
+    drift: float = 0.0
 
 
 def generate(
-    n_users: int, n_items: int, n_interactions: int, n_categories: int = 18, dim: int = 16, seed: int = 0
+    n_users: int, n_items: int, n_interactions: int, n_categories: int = 18, dim: int = 16, seed: int = 0,
+    drift: float = 0.0,
 ) -> RawData:
     """Make a synthetic data set with planted structure; the same arguments give identical data.
 
@@ -73,6 +84,9 @@ def generate(
         n_categories: Number of item categories (genres named ``cat00``, ``cat01``, ...).
         dim: Dimension of the latent vectors.
         seed: Random seed.
+        drift: Strength of the pull towards items released around the time of each interaction (0: none; 8
+            makes an item released a quarter of the timeline away 2 nats less likely). Only for sizes sampled
+            exactly.
 
     Returns:
         RawData with source ``"synth"``; ratings are integers 1-5 as float32, timestamps fall in 1997-2003,
@@ -81,23 +95,38 @@ def generate(
     Raises:
         DataError: The sizes are inconsistent (e.g. fewer than 5 interactions per user).
     """
-    return generate_with_truth(n_users, n_items, n_interactions, n_categories, dim, seed)[0]
+    return generate_with_truth(n_users, n_items, n_interactions, n_categories, dim, seed, drift)[0]
 
 
 def generate_with_truth(
-    n_users: int, n_items: int, n_interactions: int, n_categories: int = 18, dim: int = 16, seed: int = 0
+    n_users: int, n_items: int, n_interactions: int, n_categories: int = 18, dim: int = 16, seed: int = 0,
+    drift: float = 0.0,
 ) -> tuple[RawData, SynthTruth]:
     """Like :func:`generate`, also returning the hidden variables (for tests and quality checks)."""
     counts_cap = _validate(n_users, n_items, n_interactions, n_categories, dim)
-    # One independent stream per stage, so that changing one stage leaves the others' draws alone.
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
+    if not (math.isfinite(drift) and drift >= 0):
+        raise DataError(f"drift must be a finite number >= 0, got {drift}")
+    if drift and n_users * n_items > _EXACT_LIMIT:
+        raise DataError(f"drift needs exact sampling: users x items at most {_EXACT_LIMIT:,} "
+                        f"(got {n_users * n_items:,}); use fewer users or items, or drift 0")
+    # One independent stream per stage, so that changing one stage leaves the others' draws alone (the ninth,
+    # for drift, is new: SeedSequence children do not depend on how many are spawned, so drift 0 is unchanged).
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(9)]
     truth, item_secondary = _make_latents(n_users, n_items, n_categories, dim, streams[0])
+    if drift:
+        truth.user_era, truth.item_release, truth.drift = streams[8].random(n_users), streams[8].random(n_items), drift
     counts = _interaction_counts(n_users, n_interactions, counts_cap, streams[1])
-    users, items, affinity = _sample_interactions(truth, counts, streams[2])
+    if drift:   # times first (they never depend on the items), then items that follow them
+        users = np.repeat(np.arange(n_users), counts)
+        timestamps = _timestamps(users, counts, truth.preferred_hour, streams[4], truth.user_era, DRIFT_SPAN)
+        items, affinity = _sample_drift(truth, counts, timestamps, streams[2])
+        order = np.arange(len(users))       # already in time order, shuffled within each quarter
+    else:
+        users, items, affinity = _sample_interactions(truth, counts, streams[2])
+        timestamps = _timestamps(users, counts, truth.preferred_hour, streams[4])
+        # Shuffle items within each user (users are sorted), so that no order of selection leaks into time order.
+        order = np.argsort(users + streams[5].random(len(users)))
     ratings = _ratings_from_affinity(affinity, streams[3])
-    timestamps = _timestamps(users, counts, truth.preferred_hour, streams[4])
-    # Shuffle items within each user (users are sorted), so that no order of selection leaks into time order.
-    order = np.argsort(users + streams[5].random(len(users)))
     frame = pd.DataFrame({
         "user_id": users.astype(np.int64) + 1,
         "item_id": items[order].astype(np.int64) + 1,
@@ -253,6 +282,42 @@ def _sample_exact(
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
+def _sample_drift(
+    truth: SynthTruth, counts: np.ndarray, timestamps: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Items for rows already in time order (sorted by user, then time): each quarter of a user's rows is a
+    Gumbel-top-n from exp(u.v/tau + bias - drift * |now - release|) over the items not picked before, `now` the
+    quarter's mean time as a share of the timeline, in random order within the quarter. Returns (item, affinity)."""
+    n_users, n_items = len(counts), len(truth.item_bias)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    phase = (np.arange(len(timestamps)) - np.repeat(first, counts)) * DRIFT_PHASES // np.repeat(counts, counts)
+    share = (timestamps - _START) / (_END - _START)
+    items = np.empty(len(timestamps), np.int64)
+    rows = max(1, _SCORE_BLOCK // n_items)
+    for start in range(0, n_users, rows):
+        block = np.arange(start, min(start + rows, n_users))
+        affinity = truth.user_vectors[block] @ truth.item_vectors.T
+        base = affinity / TAU + truth.item_bias
+        picked = np.zeros(affinity.shape, bool)
+        for p in range(DRIFT_PHASES):
+            at = [np.flatnonzero(phase[first[u]:first[u] + counts[u]] == p) + first[u] for u in block]
+            need = np.array([len(a) for a in at])
+            if need.max() == 0:
+                continue
+            now = np.array([share[a].mean() if len(a) else 0.0 for a in at])
+            scores = base - truth.drift * np.abs(now[:, None] - truth.item_release[None, :])
+            scores = np.where(picked, -np.inf, scores + _gumbel(rng, scores.shape))
+            k = int(need.max())
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            for r, a in enumerate(at):
+                chosen = rng.permutation(top[r][np.argsort(-scores[r, top[r]])][:len(a)])
+                items[a] = chosen
+                picked[r, chosen] = True
+    affinity = np.einsum("nd,nd->n", truth.user_vectors[np.repeat(np.arange(n_users), counts)],
+                         truth.item_vectors[items])
+    return items, affinity
+
+
 def _sample_pools(
     truth: SynthTruth, counts: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -351,11 +416,16 @@ def _ratings_from_affinity(affinity: np.ndarray, rng: np.random.Generator) -> np
     return np.clip(np.rint(3.6 + 0.9 * z + rng.normal(scale=0.75, size=len(z))), 1, 5).astype(np.float32)
 
 
-def _timestamps(users: np.ndarray, counts: np.ndarray, hour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Increasing per-user times in 1997-2003: gaps widen over a user's life, clustered at a preferred hour."""
+def _timestamps(users: np.ndarray, counts: np.ndarray, hour: np.ndarray, rng: np.random.Generator,
+                era: np.ndarray | None = None, median_span: float = 120 * _DAY) -> np.ndarray:
+    """Increasing per-user times in 1997-2003: gaps widen over a user's life, clustered at a preferred hour. A
+    user's activity starts at their `era` (a share of the timeline) when one is given, at random otherwise."""
     n_users = len(counts)
-    span = np.minimum(rng.lognormal(mean=math.log(120 * _DAY), sigma=1.0, size=n_users), (_END - _START) * 0.8)
-    start = _START + rng.random(n_users) * (_END - _START - span)
+    span = np.minimum(rng.lognormal(mean=math.log(median_span), sigma=1.0, size=n_users), (_END - _START) * 0.8)
+    start_share = rng.random(n_users)
+    if era is not None:
+        start_share = era
+    start = _START + start_share * (_END - _START - span)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     position = np.arange(len(users)) - first[users]
     gaps = rng.exponential(size=len(users)) * (1.0 + position)  # later gaps are longer on average

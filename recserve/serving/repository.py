@@ -380,7 +380,7 @@ def _user_queries(user_graph: Path, blend: Blend, view: ViewSources, limit: int 
 
     users = np.random.default_rng(0).permutation(len(view.als_user))[:limit]
     user_vec = ort_session(user_graph, 0).run(["user_vec"], {"user_idx": users.reshape(-1, 1)})[0]
-    return blend.query(user_vec, view.als_user[users])
+    return blend.query(user_vec, view.als_user[users], view.ctx_user[users])
 
 
 def _write_index(dest: Path, items: np.ndarray, opts: RepoOptions, queries: np.ndarray, fetch_k: int = 0,

@@ -135,7 +135,8 @@ STEPS = (
          params=("k_max", "intra_op_threads", "omp_threads", "nprobe"),
          doc="validates the request (unknown user, k, hour, weekday: INVALID_ARG naming the value); maps the raw "
              "id to its index; runs the user tower graph, which gathers the user's attributes and recent items from "
-             "its own tables; searches FAISS with the user's blend vector (towers, ALS, popularity) for K + |seen| "
+             "its own tables; searches FAISS with the user's blend vector (towers, ALS, popularity, popularity in "
+             "the user's time) for K + |seen| "
              "items, adds the item-to-item neighbours of the user's recent items and the popular items, and keeps K "
              "distinct unseen ones with their source scores (the candidate rule of recserve/sources.py)"),
     Step("ranker", "onnx", "candidate",

@@ -105,3 +105,14 @@ def test_export_repository_says_when_the_ranker_step_keeps_the_retrieval_order(r
     assert "the ranker is not shipped" in result.output and "keeps the retrieval order" in result.output
     manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
     assert manifest["ranker"]["shipped"] is False
+
+
+def test_synth_with_drift_writes_data_and_a_bad_drift_is_one_clear_line(runner: CliRunner, tmp_path: Path):
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--users", "120", "--items", "80",
+                                 "--interactions", "2400", "--drift", "8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d" / "ratings.dat").stat().st_size > 0
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "e"), "--users", "120", "--items", "80",
+                                 "--interactions", "2400", "--drift", "-1"])
+    assert "drift must be a finite number >= 0, got -1.0" in _error_line(result)
+    assert not (tmp_path / "e").exists()

@@ -108,7 +108,7 @@ def test_metrics_json_shape(artifacts: Path, ds: Dataset, metrics: dict):
     gate = on_disk["ranker_gate"]
     assert on_disk["served"] == ("blend+ranker" if gate["shipped"] else "blend")
     assert on_disk["blend"]["coef"] and set(on_disk["blend"]["weights"]) == {"two_tower", "als", "popularity",
-                                                                             "neighbours"}
+                                                                             "neighbours", "context"}
     assert gate["shipped"] == (gate["ranker"] > gate["retrieval_order"])
     data = on_disk["protocol"]["data"]
     assert data["fingerprint"] == ds.fingerprint and data["users"] == ds.n_users and data["items"] == ds.n_items

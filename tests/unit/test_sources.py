@@ -15,6 +15,8 @@ from recserve.sources import (
     new_candidates,
     offline_candidates,
     quotas,
+    read_view,
+    save_sources,
 )
 
 pytestmark = pytest.mark.unit
@@ -96,7 +98,7 @@ def test_search_results_and_full_rows_give_the_same_candidates():
     uv, iv = rng.normal(size=(U, D)).astype(np.float32), rng.normal(size=(N_ITEMS, D)).astype(np.float32)
     items = Blend.item_matrix(iv, view)
     offline, _ = offline_candidates(blend, uv, items, view, users, seen, 15)
-    scores = blend.query(uv, view.als_user[users]) @ items.T
+    scores = blend.query(uv, view.als_user[users], view.ctx_user[users]) @ items.T
     ranked = np.argsort(-scores, axis=1, kind="stable")               # what an exact index returns
     served = assemble(unseen_candidates(ranked, users, seen, 15), view.neighbour_rows(users), users, seen, view, 15,
                       uv, items)
@@ -167,11 +169,54 @@ def test_refinement_moves_a_weight_between_grid_values_and_ignores_noise_level_g
         nd = 0.2 - (w["als"] - 0.7 * w["two_tower"]) ** 2 + 0.0002 * (w["popularity"] > 0)
         return {"ndcg@10": nd, "recall@50": 0.3}
 
-    start = {"two_tower": 1.0, "als": 1.0, "popularity": 0.0, "neighbours": 0.0}
+    start = {"two_tower": 1.0, "als": 1.0, "popularity": 0.0, "neighbours": 0.0, "context": 0.0}
     first = ((rank_with(start)["ndcg@10"], 0.3), start, rank_with(start))
     (nd, _), w, _ = sources._refine(first, rank_with, time.perf_counter() + 60)[0]
     assert w["als"] / w["two_tower"] == pytest.approx(0.7, abs=0.03)   # the grid's 1:1 is 0.09 below the peak
-    assert w["popularity"] == 0.0 and w["neighbours"] == 0.0      # +0.1% is under REFINE_MIN_GAIN
+    assert w["popularity"] == w["neighbours"] == w["context"] == 0.0     # +0.1% is under REFINE_MIN_GAIN
     assert nd > 0.199
     _, moves = sources._refine(first, rank_with, time.perf_counter())    # no time left: no moves
     assert moves == []
+
+
+def test_context_term_gives_each_user_what_was_popular_in_their_own_periods():
+    from types import SimpleNamespace
+
+    from recserve.sources import context_tables
+
+    # user 0 active early (times 0-3), user 1 late (times 6-9), user 2 only in the split left out; 4 items
+    users = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    items = np.array([0, 0, 1, 0, 2, 3, 2, 2, 1])
+    ts = np.array([0, 1, 2, 3, 6, 7, 8, 9, 5])
+    split = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1])
+    ds = SimpleNamespace(users=users, items=items, timestamps=ts, split=split, n_users=3, n_items=4)
+    user, item = context_tables(ds, (0,), periods=2, recent=3)
+    assert user.shape == (3, 2) and item.shape == (4, 2)
+    np.testing.assert_allclose(item, np.log1p([[3, 0], [1, 0], [0, 3], [0, 1]]))   # split at the median time
+    np.testing.assert_allclose(user, [[1, 0], [0, 1], [0, 0]])    # the newest 3; no known interaction: zeros
+    scores = user @ item.T
+    assert scores[0].argmax() == 0 and scores[1].argmax() == 2     # each gets their own period's favourite
+    # a time on an edge is in the later period, and with one timestamp throughout everything is the last one
+    flat = SimpleNamespace(**{**vars(ds), "timestamps": np.zeros(9, np.int64)})
+    user, item = context_tables(flat, (0,), periods=4)
+    assert (item[:, :3] == 0).all() and user[:2, 3].tolist() == [1.0, 1.0]
+    # the serve path's users: a query of the blend reaches the context term only through its weight
+    view = ViewSources(als_user=np.zeros((3, 1), np.float32), als_item=np.zeros((4, 1), np.float32),
+                       nbr=sp.csr_matrix((4, 4), dtype=np.float32), pop=np.zeros(4, np.float32),
+                       recent=np.full((3, 1), 4), ctx_user=user, ctx_item=item)
+    q = Blend({"two_tower": 0.0, "als": 0.0, "popularity": 0.0, "neighbours": 0.0, "context": 2.0}).query(
+        np.zeros((3, 2), np.float32), view.als_user, view.ctx_user)
+    np.testing.assert_allclose(q @ Blend.item_matrix(np.zeros((4, 2), np.float32), view).T, 2.0 * user @ item.T,
+                               rtol=1e-6)
+
+
+def test_sources_written_before_the_context_term_still_load_without_it(tmp_path):
+    view = _view()
+    save_sources(tmp_path / "s.npz", {"valid": view})
+    with np.load(tmp_path / "s.npz") as z:
+        old = {k: z[k] for k in z.files if "ctx_" not in k}
+    np.savez(tmp_path / "old.npz", **old)
+    got = read_view(tmp_path / "old.npz", "valid")
+    assert got.ctx_user.shape == (U, 0) and got.ctx_item.shape == (N_ITEMS, 0)
+    blend = Blend({"two_tower": 1.0, "als": 0.5, "popularity": 0.1, "neighbours": 0.0})   # an old blend.json
+    assert blend.query(np.ones((2, 3), np.float32), got.als_user[:2], got.ctx_user[:2]).shape == (2, 3 + F + 1)

@@ -212,3 +212,31 @@ def test_users_whose_pool_is_too_small_are_sampled_exactly(monkeypatch):
     assert abs(len(raw.ratings) - 4000) <= 0.02 * 4000
     assert not raw.ratings.duplicated(["user_id", "item_id"]).any()
     assert raw.ratings.groupby("user_id").size().between(5, 30).all()
+
+
+def test_with_drift_each_pick_leans_to_what_was_released_around_its_time():
+    _, plain = synth.generate_with_truth(400, 300, 12000, seed=7)
+    raw, truth = synth.generate_with_truth(400, 300, 12000, seed=7, drift=8.0)
+    assert plain.user_era is None and plain.item_release is None and truth.item_release.shape == (300,)
+    r = raw.ratings
+    now = (r["timestamp"].to_numpy() - START_1997) / (END_2003 - START_1997)
+    release = truth.item_release[r["item_id"].to_numpy() - 1]
+    blind = np.abs(now[:, None] - truth.item_release[None, :]).mean()      # the same times, items picked blind
+    assert np.abs(now - release).mean() < 0.6 * blind
+    assert np.corrcoef(now, release)[0, 1] > 0.6
+    # users stay for years, so a user's own newest picks are later releases than their oldest
+    first, last = r.groupby("user_id").head(3), r.groupby("user_id").tail(3)
+    rel = lambda f: truth.item_release[f["item_id"].to_numpy() - 1].mean()   # noqa: E731
+    assert rel(last) > rel(first) + 0.05
+    assert not r.duplicated(["user_id", "item_id"]).any()
+    assert (r.groupby("user_id")["timestamp"].apply(lambda t: t.is_monotonic_increasing)).all()
+    assert abs(len(r) - 12000) <= 0.02 * 12000
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [({"drift": -1.0}, "drift must be"),
+                                                ({"drift": float("nan")}, "drift must be"),
+                                                ({"drift": 2.0, "n_items": 50000}, "drift needs exact sampling")])
+def test_bad_drift_is_refused_naming_it(kwargs, needle):
+    sizes = {"n_users": 1000, "n_items": 300, "n_interactions": 20000, **kwargs}
+    with pytest.raises(DataError, match=needle):
+        generate(**sizes)

@@ -148,7 +148,7 @@ class Retriever:
         """(cand_idx (B, K), cand_src (B, K, S)) by the candidate rule over all sources."""
         users = user_idx.reshape(-1)
         als_user = self.sources.als_user[users]
-        query = self.blend.query(user_vec, als_user)
+        query = self.blend.query(user_vec, als_user, self.sources.ctx_user[users])
         self.last_query_norms = np.linalg.norm(query, axis=1)   # a drift signal (recserve/drift.py)
         _, ids = self.index.search(self._q(query), fetch_size(users, self.seen, self.k, self.index.ntotal))
         nbr_rows = self.sources.neighbour_rows(users)
@@ -163,7 +163,9 @@ class Retriever:
         seen = Seen(np.array([0, len(h)], np.int64), h.astype(np.int64))
         users = np.zeros(1, np.int64)
         als_user = np.zeros((1, self.sources.als_user.shape[1]), np.float32)
-        query = self.blend.query(user_vec, als_user)
+        now = np.zeros((1, self.sources.ctx_user.shape[1]), np.float32)
+        now[:, -1:] = 1.0       # the context term of a user active now: what is trending in the newest period
+        query = self.blend.query(user_vec, als_user, now)
         _, ids = self.index.search(self._q(query), min(self.index.ntotal, self.k + len(h)))
         recent = np.asarray(history[::-1][:self.sources.recent.shape[1]], np.int64)
         x = sp.csr_matrix((np.ones(len(recent), np.float32), (np.zeros(len(recent), np.int64), recent)),
