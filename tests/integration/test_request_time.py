@@ -156,14 +156,14 @@ def test_an_unreachable_server_is_answered_from_the_fallback_file_in_bounded_tim
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("options", [
-    {"exclude": "first"}, {"max_per_genre": 1}, {"mmr_lambda": 0.6}, {"freshness": 2.0},
+    {"exclude": "first"}, {"max_per_genre": 1}, {"mmr_lambda": 0.5}, {"freshness": 2.0},
     {"max_per_genre": 2, "mmr_lambda": 0.7, "freshness": 0.5, "exclude": "first"},
     {"explore": "epsilon:0.3", "seed": 11}, {"explore": "softmax:0.5", "seed": 3, "max_per_genre": 2},
 ])
 def test_the_client_pipeline_applies_the_rules_and_exploration_as_recommend_does(served, known, protocol, options):
     changed = []
     with RecClient(served.url(protocol), protocol) as client:
-        for user in known[:3]:
+        for user in known:
             opts = dict(options)
             if opts.get("exclude") == "first":
                 opts["exclude"] = client.recommend(user, k=3, hour=9, weekday=1).item_ids[:2]
