@@ -15,8 +15,9 @@ best classic baseline (recall@50), both refit on train + valid. The cuts:
   synth          `recserve data synth` style data: 2,000 users, 1,500 items, 80,000 interactions
   synth-longtail synthetic data shaped like "latest-small": 670 users, 9,000 Zipf-popular items (most with a
                  handful of interactions), 100,000 interactions, no user file
-  synth-drift    `synth` with a clock that means something (`generate(drift=8)`): users pick what was current in
-                 their era, as on a MovieLens set spanning decades; no user file
+  synth-drift    `synth` with a clock that means something (`generate(drift=8)`): users active for years, each
+                 pick leaning to what was released around its time, as on a MovieLens set spanning decades; no
+                 user file
 """
 
 from __future__ import annotations
