@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 RULES = DEPLOY / "prometheus" / "recserve-rules.yml"
 RULES_TEST = DEPLOY / "prometheus" / "recserve-rules.test.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -112,7 +112,7 @@ def _port(container: dict, port: int | str) -> int:
 
 
 def test_manifests_parse():
-    assert MANIFESTS, "no manifests under deploy/kubernetes"
+    assert MANIFESTS, "no manifests under deploy/k8s"
     kinds = {d["kind"] for _, d in _docs()}
     assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
 
