@@ -38,8 +38,11 @@ LOAD_TIMEOUT_S = 600.0     # one model's load; new instances load at low priorit
 
 
 def stub_instances(server_pid: int) -> dict[str, int]:
-    """{instance name (`ranker_0_0`): pid} of the live python-backend stubs of one tritonserver."""
-    out = {}
+    """{instance name (`ranker_0_0`): pid} of the live python-backend stubs of one tritonserver.
+
+    Two versions of a model name their instances alike, and for a moment after a swap the old version's stub
+    is still exiting beside the new one's: the newest-started stub of a name is the one that serves."""
+    found: dict[str, tuple[int, int]] = {}     # name -> (start time in clock ticks, pid)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -48,13 +51,15 @@ def stub_instances(server_pid: int) -> dict[str, int]:
                 stat = f.read().rsplit(b")", 1)[1].split()
             if int(stat[1]) != server_pid or stat[0] == b"Z":
                 continue
+            started = int(stat[19])                # field 22 of /proc/PID/stat: starttime
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
         if argv and argv[0].endswith(STUB.encode()) and len(argv) >= 3:
-            out[argv[-3].decode()] = int(entry.name)   # ... <instance name> DEFAULT ''
-    return out
+            name = argv[-3].decode()               # ... <instance name> DEFAULT ''
+            found[name] = max(found.get(name, (-1, -1)), (started, int(entry.name)))
+    return {name: pid for name, (_, pid) in found.items()}
 
 
 def model_of(instance: str) -> str:
