@@ -41,6 +41,16 @@ def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _zero_ids(*tables: nn.Embedding) -> None:
+    """Id tables start at zero, not at nn.Embedding's N(0, 1): a row then holds only what its id's interactions
+    taught it. From N(0, 1) a user or item with a handful of interactions kept a random vector of norm ~8, as
+    large as a popular one's learned vector, so the towers placed it at random rather than by its content and
+    history. Measured on validation (README, "Recommendation quality"): the towers' recall@50 +12% on ML-100K,
+    +27% on a sparse cut. Each row still gets its own gradient, so nothing is symmetric."""
+    for table in tables:
+        nn.init.zeros_(table.weight)
+
+
 class UserTower(nn.Module):
     """user id + user attributes + mean-pooled recent history -> unit vector (B, dim)."""
 
@@ -50,6 +60,7 @@ class UserTower(nn.Module):
         self.user_emb = nn.Embedding(cfg.n_users, cfg.id_dim)
         self.cat_embs = nn.ModuleList(nn.Embedding(c, 16) for c in cfg.user_cat_cards)
         self.hist_emb = nn.Embedding(cfg.n_items + 1, cfg.id_dim, padding_idx=cfg.n_items)
+        _zero_ids(self.user_emb, self.hist_emb)
         in_dim = 2 * cfg.id_dim + 16 * len(cfg.user_cat_cards)
         self.mlp = _mlp([in_dim, cfg.hidden, cfg.dim])
 
@@ -67,6 +78,7 @@ class ItemTower(nn.Module):
     def __init__(self, cfg: TowerConfig):
         super().__init__()
         self.item_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
+        _zero_ids(self.item_emb)
         self.genre_proj = nn.Linear(cfg.n_genres, 16, bias=False)
         self.year_emb = nn.Embedding(cfg.n_year_buckets, 8)
         self.titles = cfg.title_vocab > 0
