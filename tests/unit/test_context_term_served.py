@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from served_parity import served_and_evaluated
 
 pytestmark = pytest.mark.unit
 
@@ -15,8 +16,7 @@ def test_a_blend_with_the_context_term_serves_what_evaluate_and_the_reference_re
 
     from recserve.data import generate
     from recserve.data.dataset import TEST, Dataset
-    from recserve.evaluate import Evaluator, evaluate_artifacts, ranking_metrics
-    from recserve.export.onnx import export_onnx
+    from recserve.evaluate import Evaluator, ranking_metrics
     from recserve.reference import Reference
     from recserve.serving.local import LocalPipeline
     from recserve.serving.repository import RepoOptions, write_repository
@@ -36,14 +36,9 @@ def test_a_blend_with_the_context_term_serves_what_evaluate_and_the_reference_re
     blend = json.loads(path.read_text())
     blend["coef"] = {**blend["coef"], "context": 2.0 * max(abs(v) for v in blend["coef"].values())}
     path.write_text(json.dumps(blend))
-    metrics = evaluate_artifacts(art)
-    export_onnx(art)
-    write_repository(art, tmp_path / "repo", RepoOptions(view="test"))
+    served, offline, raw_ids = served_and_evaluated(art, tmp_path / "repo")
     ds = Dataset.load(art / "dataset.npz")
     ev = Evaluator(ds, TEST)
-    raw_ids = LocalPipeline(tmp_path / "repo").recommend(ds.user_ids[ev.users], 50, ev.hour, ev.weekday)
-    served = ranking_metrics(np.where(raw_ids >= 0, np.searchsorted(ds.item_ids, raw_ids), -1), ev.truth, ds.n_items)
-    offline = metrics["models"][metrics["served"]]
     k = json.loads((tmp_path / "repo" / "manifest.json").read_text())["candidates"]
     ref = Reference(art, target=TEST, candidates=k)
     lists = ref.recommend(ev.users, ev.hour, ev.weekday, 50)

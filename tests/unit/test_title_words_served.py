@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from served_parity import served_and_evaluated
 
 pytestmark = pytest.mark.unit
 
@@ -16,11 +17,6 @@ def test_a_towers_model_with_title_words_serves_what_evaluate_reports(tmp_path):
 
     from recserve import checkpoint
     from recserve.data import generate
-    from recserve.data.dataset import TEST, Dataset
-    from recserve.evaluate import Evaluator, evaluate_artifacts, ranking_metrics
-    from recserve.export.onnx import export_onnx
-    from recserve.serving.local import LocalPipeline
-    from recserve.serving.repository import RepoOptions, write_repository
     from recserve.train import TrainConfig, train_all
 
     raw = generate(n_users=200, n_items=150, n_interactions=5000, seed=5)
@@ -38,13 +34,6 @@ def test_a_towers_model_with_title_words_serves_what_evaluate_reports(tmp_path):
         torch.set_num_threads(before)
     assert json.loads((art / "train.json").read_text())["two_tower"]["titles"] is True
     assert checkpoint.load(art / "two_tower.pt")[0].cfg.title_vocab > 0       # the refit towers read them too
-    metrics = evaluate_artifacts(art)
-    export_onnx(art)
-    write_repository(art, tmp_path / "repo", RepoOptions(view="test"))
-    ds = Dataset.load(art / "dataset.npz")
-    ev = Evaluator(ds, TEST)
-    raw_ids = LocalPipeline(tmp_path / "repo").recommend(ds.user_ids[ev.users], 50, ev.hour, ev.weekday)
-    served = ranking_metrics(np.where(raw_ids >= 0, np.searchsorted(ds.item_ids, raw_ids), -1), ev.truth, ds.n_items)
-    offline = metrics["models"][metrics["served"]]
+    served, offline, _ = served_and_evaluated(art, tmp_path / "repo")
     for metric in ("ndcg@10", "recall@50"):
         assert served[metric] == pytest.approx(offline[metric], abs=1e-3), metric
