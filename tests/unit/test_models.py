@@ -73,6 +73,9 @@ def test_tower_outputs_are_unit_vectors():
 @torch.no_grad()
 def test_user_tower_ignores_padding_and_history_order():
     model = _tower()
+    with torch.no_grad():     # id tables start at zero (models._zero_ids): give the history rows what training would
+        model.user_tower.hist_emb.weight.normal_()
+        model.user_tower.hist_emb.weight[PAD] = 0.0
     user, cats = torch.tensor([2, 2, 2]), torch.tensor([[1, 4]] * 3)
     history = torch.tensor([[3, 9, PAD, PAD, PAD], [9, 3, PAD, PAD, PAD], [PAD, 3, PAD, 9, PAD]])
     out = model.user_tower(user, cats, history)
