@@ -57,3 +57,38 @@ class Drift:
         """The PSI of the served window against the reference; NaN while the window holds fewer than
         `MIN_ROWS` rows (a handful of requests says nothing about a population, and would alarm)."""
         return psi(self.counts, self.reference) if self.counts.sum() >= MIN_ROWS else float("nan")
+
+
+def le_label(edge: float) -> str:
+    """A bucket bound as Prometheus's `le` label: 4 significant digits (values are binned by the printed bound)."""
+    return "+Inf" if edge == np.inf else f"{edge:.4g}"
+
+
+class Buckets:
+    """A Prometheus histogram's cumulative buckets, counted in process and handed over in bulk.
+
+    Triton 2.51's python backend has HISTOGRAM metrics, but each `observe` is one round trip to the server
+    process, one per value (a metrics-API call per answer cost 6.7% of p50 at concurrency 1). So the model
+    counts values here and `take()` gives the increments of every `NAME_bucket{le=...}` counter since the last
+    call: PromQL's histogram_quantile() reads `le`-labelled counters as it reads a histogram's buckets.
+    A value v falls in every bucket with v <= le; NaN is not counted."""
+
+    def __init__(self, edges):
+        bounds = sorted({float(le_label(float(e))) for e in np.asarray(edges, np.float64).reshape(-1)
+                         if np.isfinite(e)})
+        self.edges = np.array(bounds, np.float64)
+        self.labels = [le_label(e) for e in self.edges] + ["+Inf"]
+        self.pending = np.zeros(len(self.labels), np.int64)
+
+    def observe(self, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64).reshape(-1)
+        values = values[~np.isnan(values)]
+        if len(values):
+            self.pending += np.bincount(np.searchsorted(self.edges, values, side="left"),
+                                        minlength=len(self.labels))
+
+    def take(self) -> dict[str, int]:
+        """{le label: how many values since the last call are <= it}, for the buckets that grew."""
+        cumulative = np.cumsum(self.pending)
+        self.pending[:] = 0
+        return {label: int(n) for label, n in zip(self.labels, cumulative) if n}

@@ -142,17 +142,53 @@ def _send(server, users, then_wait: bool = True) -> None:
                 client.recommend(int(user), k=5)
 
 
+def _buckets(metrics_url: str, name: str) -> dict[float, float]:
+    """{le: count} of one histogram's cumulative `NAME_bucket` series (version 1), in order of le."""
+    text = requests.get(metrics_url, timeout=5).text
+    out = {}
+    for labels, value in re.findall(rf"^{name}_bucket\{{([^}}]*)\}} (\S+)$", text, re.M):
+        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if d["version"] == "1":
+            out[float(d["le"])] = float(value)
+    return dict(sorted(out.items()))
+
+
+def _wait_counted(metrics_url: str, name: str, rows: int) -> dict[float, float]:
+    """The histogram once its +Inf bucket holds `rows` (counts reach Triton on the next request after 0.5 s;
+    the supervisor's canary is one every 2 s)."""
+    deadline = time.monotonic() + 10
+    while (b := _buckets(metrics_url, name)) and b[math.inf] < rows and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return b
+
+
 def test_drift_gauges_stay_low_on_the_known_users_and_rise_when_one_user_floods_the_server(fresh, served):
     metrics = fresh.url("metrics")
     before = _drift(metrics)
     assert {s for s, _ in before} == {"score", "query_norm"}
     assert all(math.isnan(v) for v in before.values()), "no PSI before enough rows were served"
+    # every bucket of both histograms is there before the first request, at 0 (histogram_quantile needs them all)
+    empty = {name: _buckets(metrics, name) for name in ("recserve_score", "recserve_candidates")}
+    assert len(empty["recserve_score"]) >= 5 and len(empty["recserve_candidates"]) >= 3, empty
+    assert all(v == 0 for b in empty.values() for v in b.values()), empty
     users = np.load(served.repository / "retrieval" / "1" / "users.npz")["user_ids"]
     _send(fresh, np.tile(users, 4))
     calm = _drift(metrics)
     assert max(calm.values()) < 0.1, calm
+    rows = 4 * len(users) + 20                          # _send's requests, one known user each; canaries left out
+    score = _wait_counted(metrics, "recserve_score", rows)
+    found = _wait_counted(metrics, "recserve_candidates", rows)
+    assert score[math.inf] == found[math.inf] == rows, (score, found)
+    for b in (score, found):
+        assert list(b.values()) == sorted(b.values()), f"buckets are cumulative: {b}"
+    # the bounds are the reference's deciles: the known users themselves fill each tenth, give or take
+    shares = np.diff([0.0, *score.values()]) / rows
+    assert shares.max() < 0.3, shares
     _send(fresh, np.full(2500, users[7]))
     flooded = _drift(metrics)
     assert max(v for (s, _), v in flooded.items() if s == "score") > 0.25, flooded
     assert max(v for (s, _), v in flooded.items() if s == "query_norm") > 0.25, flooded
-    print(f"[drift] known users: {calm}; one user 2,500 times: {flooded}")
+    after = _wait_counted(metrics, "recserve_score", rows + 2520)
+    grew = np.diff([0.0, *after.values()]) - np.diff([0.0, *score.values()])
+    assert after[math.inf] == rows + 2520 and grew.max() >= 2500, "one user's rows all fall in one bucket"
+    print(f"[drift] known users: {calm}; one user 2,500 times: {flooded}; score buckets {after}; candidates {found}")

@@ -6,7 +6,10 @@ The same step code and files as the `retrieval` and `ranker` models (`recserve.s
 over the repository), batched once per formed batch, one instance per core. It also answers users the model has
 never seen, applies the request's rules and exploration, and falls back when a step fails (`LocalPipeline.serve`);
 each answer's `source` and each fallback are counted in Triton's metrics (port 8002):
-`recserve_responses_total{source=...}` and `recserve_fallbacks_total{kind=...}`.
+`recserve_responses_total{source=...}` and `recserve_fallbacks_total{kind=...}`; per personalized row, the best
+item's score and the number of candidates retrieval found go into histograms
+(`recserve_score_bucket{le, version}`, in the deciles of the load-time reference; `recserve_candidates_bucket{le,
+version}`, in fractions of K), and their PSI against the reference into `recserve_drift_psi` (recserve/drift.py).
 
 While an A/B split runs (`recserve ab start`: config parameter `recserve_ab`), the newest loaded version, the one
 Triton hands a request that names no version, forwards each request whose users are all in the other arm to that
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.drift import Drift
+from recserve.drift import Buckets, Drift
 from recserve.serving import spec
 from recserve.serving.local import OPTIONS_KEY, LocalPipeline
 from recserve.serving.split import PIN, read_split, version_of
@@ -70,9 +73,10 @@ class TritonPythonModel(BatchedModel):
         # only the version Triton serves to requests naming none splits them (the older arm never forwards)
         self.splits_here = bool(split) and int(self.version) == max(int(split["a"]), int(split["b"]))
         self._warm_up()
-        self.drift, self._drift_failed = {}, False
+        self.drift, self._drift_failed, self._histograms = {}, False, {}
         if self.custom_metrics:
             self._drift_reference()
+            self._histograms_from_reference()
         # native flavor: the ranker graph on Triton's onnxruntime / TensorRT backend, asked through BLS from here on
         # (the warm-up and the drift reference above ran it in process: no other model need be loaded yet)
         self.ranker_model = params.get("ranker_model")
@@ -116,7 +120,8 @@ class TritonPythonModel(BatchedModel):
             request = {"user_id": known[part].reshape(-1, 1).astype(np.int64), "k": np.ones((len(part), 1), np.int32)}
             self.validate(request)
             for name, values in self._signals([request], self.pipeline.serve([request])).items():
-                seen[name].append(values)
+                if name in seen:
+                    seen[name].append(values)
         self.drift = {name: Drift(np.concatenate(v)) for name, v in seen.items()}
         self._drift_gauges = {}
         try:
@@ -132,6 +137,26 @@ class TritonPythonModel(BatchedModel):
             log.warning("recommend: no drift gauges: custom metrics are not available in this python backend")
         self._drift_at = time.monotonic()
 
+    def _histograms_from_reference(self) -> None:
+        """The histogram series, every bucket from the start (histogram_quantile needs them all): the score's
+        bounds are the reference's deciles (so a served population like the reference fills each tenth), the
+        candidates' are fractions of K, with K - 1 (rows that got fewer than K)."""
+        k = int(self.pipeline.retriever.k)
+        bounds = {"score": self.drift["score"].edges if "score" in self.drift else [],
+                  "candidates": sorted({0, k // 10, k // 4, k // 2, (3 * k) // 4, (9 * k) // 10, k - 1})}
+        about = {"score": "the best item's score per personalized row, in the deciles of the load-time reference",
+                 "candidates": "candidates retrieval found per known-user row (K at most)"}
+        try:
+            for name, edges in bounds.items():
+                family = self.pb.MetricFamily(name=f"recserve_{name}_bucket", kind=self.pb.MetricFamily.COUNTER,
+                                              description=about[name] + "; cumulative buckets by le")
+                buckets = Buckets(edges)
+                series = {le: family.Metric(labels={"le": le, "version": self.version}) for le in buckets.labels}
+                self._histograms[name] = (buckets, series, family)    # a family must outlive its metrics
+        except Exception:  # noqa: BLE001 - a backend without the metrics API still serves
+            log.warning("recommend: no histograms: custom metrics are not available in this python backend")
+            self._histograms = {}
+
     def _signals(self, batches: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]
                  ) -> dict[str, np.ndarray]:
         """Per personalized row that is not the supervisor's canary: the best item's score and the norm of the
@@ -144,16 +169,22 @@ class TritonPythonModel(BatchedModel):
         known = np.flatnonzero(idx >= 0)
         keep = personal[known] & ~canary[known] & (top[known] > -1e30)    # a row with no item has no score
         norms = getattr(self.pipeline.retriever, "last_query_norms", None)
+        found = getattr(self.pipeline.retriever, "last_candidates", None)
         out = {"score": top[known][keep]}
         if norms is not None and len(norms) == len(known):
             out["query_norm"] = norms[keep]
+        if found is not None and len(found) == len(known):
+            out["candidates"] = found[~canary[known]]      # the ranker's fallback rows too: retrieval answered
         return out
 
     def _observe(self, batches: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> None:
-        if not self.drift:
+        if not (self.drift or self._histograms):
             return
         for name, values in self._signals(batches, outputs).items():
-            self.drift[name].observe(values)
+            if name in self.drift:
+                self.drift[name].observe(values)
+            if name in self._histograms:
+                self._histograms[name][0].observe(values)
         if time.monotonic() - self._drift_at >= DRIFT_EVERY_S:       # a PSI per second is plenty for Prometheus
             self._drift_at = time.monotonic()
             for name, gauge in self._drift_gauges.items():
@@ -174,11 +205,14 @@ class TritonPythonModel(BatchedModel):
         self._flush()
 
     def _flush(self, force: bool = False) -> None:
-        if self._pending and (force or time.monotonic() - self._flushed_at >= FLUSH_S):
+        if (self._pending or self._histograms) and (force or time.monotonic() - self._flushed_at >= FLUSH_S):
             self._flushed_at = time.monotonic()
             pending, self._pending = self._pending, {}
             for key, n in pending.items():
                 self._counters[key].increment(n)
+            for buckets, series, _ in self._histograms.values():
+                for le, n in buckets.take().items():
+                    series[le].increment(n)
 
     def finalize(self) -> None:
         self._flush(force=True)
@@ -236,8 +270,8 @@ class TritonPythonModel(BatchedModel):
             self._observe(batches, outputs)
         except Exception:  # noqa: BLE001 - monitoring never fails a request
             if not self._drift_failed:
-                log.exception("recommend: drift monitoring failed; it is off for this instance")
-            self._drift_failed, self.drift = True, {}
+                log.exception("recommend: drift monitoring failed; it and the histograms are off for this instance")
+            self._drift_failed, self.drift, self._histograms = True, {}, {}
         for out in outputs:
             for s in out["source"].reshape(-1):
                 self._count("responses", "source", s.decode())

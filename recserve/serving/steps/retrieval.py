@@ -154,6 +154,7 @@ class Retriever:
         nbr_rows = self.sources.neighbour_rows(users)
         cand = assemble(unseen_candidates(ids, users, self.seen, self.k), nbr_rows, users, self.seen,
                         self.sources, self.k, user_vec, self.items)
+        self.last_candidates = (cand >= 0).sum(axis=1)          # a metric (recserve_candidates_bucket)
         return cand, source_features(self.blend, query, self.items, nbr_rows, als_user, self.sources.als_item, cand)
 
     def cold_candidates(self, history: np.ndarray, user_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +180,7 @@ class Retriever:
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Request rows checked by `check_request` (which adds `user_idx`) -> the ranker's inputs."""
         idx = inputs["user_idx"]
+        self.last_query_norms = self.last_candidates = None     # this call's, or none when it fails
         vec = self.user_vectors(idx)
         cand, src = self.candidates(idx, vec)
         return {"user_idx": idx, "user_vec": vec, "context_hour": inputs["hour"].reshape(-1, 1),
