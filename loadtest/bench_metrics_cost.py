@@ -2,7 +2,8 @@
 
     python loadtest/bench_metrics_cost.py --repository work/repo_fp32 [--duration 8] [--rounds 2]
 
-The custom metrics are the counters of answers by source and of fallbacks, and the drift gauges
+The custom metrics are the counters of answers by source and of fallbacks, the score and candidates histograms,
+and the drift gauges
 (recserve/drift.py). A copy of the repository gets `custom_metrics: "0"` in `recommend`'s config (served with
 verification off, since the copy differs from its manifest on purpose); each is served by `recserve serve`'s
 TritonServer behind the front door in turn, and wrk drives HTTP at each concurrency, the two alternating for
