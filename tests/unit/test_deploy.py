@@ -323,7 +323,8 @@ def test_the_dashboard_parses_with_unique_ids_a_datasource_variable_and_a_query_
         assert not cells & mine, f"panel {panel['title']!r} overlaps another"
         cells |= mine
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("request rate", "latency", "queue", "error rate", "source", "fallbacks", "pending"):
+    for topic in ("request rate", "latency", "queue", "error rate", "source", "fallbacks", "pending", "drift", "score",
+                  "candidates"):
         assert topic in titles, topic
 
 
