@@ -137,3 +137,42 @@ def run_load(host: str, port: int, connections: int, seconds: float, bodies: lis
     result = LoadResult(track=track)
     asyncio.run(_run(host, port, path, bodies, connections, seconds, result, backoff))
     return result
+
+
+def run_load_apart(host: str, port: int, connections: int, seconds: float, bodies: list[bytes],
+                   path: str = "/v2/models/recommend/infer") -> LoadResult:
+    """`run_load(..., track=True)` in a process of its own, as a real client is: in the test's process it would
+    share the GIL with the server's supervisor (which a deploy keeps busy), and the supervisor's work would read
+    as the server's latency. Time stamps are CLOCK_MONOTONIC, the same in both processes (Linux)."""
+    import base64
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"host": host, "port": port, "connections": connections, "seconds": seconds,
+                                   "path": path, "bodies": [base64.b64encode(b).decode() for b in bodies]}))
+        subprocess.run([sys.executable, __file__, str(job)], check=True, timeout=seconds + 120)
+        doc = json.loads(job.with_suffix(".out.json").read_text())
+    result = LoadResult(track=True, seconds=doc["seconds"])
+    result.statuses.update({int(s): n for s, n in doc["statuses"].items()})
+    result.errors.update(doc["errors"])
+    result.latency = {int(s): v for s, v in doc["latency"].items()}
+    result.timeline = [tuple(row) for row in doc["timeline"]]
+    return result
+
+
+if __name__ == "__main__":          # run_load_apart's child: python load.py JOB.json -> JOB.out.json
+    import base64
+    import sys
+    from pathlib import Path
+
+    job = Path(sys.argv[1])
+    spec = json.loads(job.read_text())
+    r = run_load(spec["host"], spec["port"], spec["connections"], spec["seconds"],
+                 [base64.b64decode(b) for b in spec["bodies"]], path=spec["path"], track=True)
+    job.with_suffix(".out.json").write_text(json.dumps({
+        "seconds": r.seconds, "statuses": r.statuses, "errors": r.errors, "latency": r.latency,
+        "timeline": r.timeline}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 from guarded import record
-from load import recommend_body, run_load
+from load import recommend_body, run_load_apart
 
 from recserve.deploy import deploy, live_version, rollback
 from recserve.errors import ArtifactError
@@ -84,8 +84,8 @@ def test_deploy_under_load_switches_to_the_new_version_with_no_failed_request_an
     before = {u: _answer(server, u) for u in users[:5]}
     assert {v for v, _ in before.values()} == {"1"}
     load: dict = {}
-    loader = threading.Thread(target=lambda: load.setdefault("r", run_load(
-        "127.0.0.1", server.http_port, 8, 16.0, [recommend_body(u) for u in users], track=True)), daemon=True)
+    loader = threading.Thread(target=lambda: load.setdefault("r", run_load_apart(
+        "127.0.0.1", server.http_port, 8, 16.0, [recommend_body(u) for u in users])), daemon=True)
     loader.start()
     time.sleep(3.0)
     t_deploy, wall_deploy = time.monotonic(), time.time()
@@ -97,7 +97,7 @@ def test_deploy_under_load_switches_to_the_new_version_with_no_failed_request_an
     loader.join(60)
     r = load["r"]
     time.sleep(1.2)                       # nginx flushes its access log each second
-    # the front door's own clock: the load generator shares this process (and its GIL) with the supervisor
+    # the front door's own clock too (the load generator is a process of its own, as a client is)
     door = {name: round(access_log_times(server.access_log, infer_only=True, since=a, until=b)[200]["p99_ms"], 1)
             for name, a, b in (("steady", 0, wall_deploy), ("swap", wall_written, wall_switched))}
     steady = [row for row in r.timeline if row[0] < t_deploy]
