@@ -72,11 +72,19 @@ class TritonPythonModel(BatchedModel):
         self.ab_split = split = read_split(params)
         # only the version Triton serves to requests naming none splits them (the older arm never forwards)
         self.splits_here = bool(split) and int(self.version) == max(int(split["a"]), int(split["b"]))
-        self._warm_up()
-        self.drift, self._drift_failed, self._histograms = {}, False, {}
-        if self.custom_metrics:
-            self._drift_reference()
-            self._histograms_from_reference()
+        # The load waits for the ranker: its warm-up and the drift reference must be the ranker's own answers. With
+        # the serving timeout, a deploy onto busy cores (this load runs at nice 19) timed every reference batch
+        # out into the retrieval order, and the load failed (loadtest/bench_swap.py on ML-100K).
+        timeout, self.pipeline.ranker_timeout = self.pipeline.ranker_timeout, 0.0
+        try:
+            self._warm_up()
+            self.drift, self._drift_failed, self._histograms = {}, False, {}
+            self._drift_gauges, self._drift_at = {}, time.monotonic()
+            if self.custom_metrics:
+                self._drift_reference()
+                self._histograms_from_reference()
+        finally:
+            self.pipeline.ranker_timeout = timeout
         # native flavor: the ranker graph on Triton's onnxruntime / TensorRT backend, asked through BLS from here on
         # (the warm-up and the drift reference above ran it in process: no other model need be loaded yet)
         self.ranker_model = params.get("ranker_model")
@@ -122,8 +130,13 @@ class TritonPythonModel(BatchedModel):
             for name, values in self._signals([request], self.pipeline.serve([request])).items():
                 if name in seen:
                     seen[name].append(values)
-        self.drift = {name: Drift(np.concatenate(v)) for name, v in seen.items()}
         self._drift_gauges = {}
+        try:
+            self.drift = {name: Drift(np.concatenate(v)) for name, v in seen.items()}
+        except ValueError as exc:      # monitoring never keeps a version from serving
+            log.warning("recommend: no drift gauges for version %s: %s", self.version, exc)
+            self.drift = {}
+            return
         try:
             family = self.pb.MetricFamily(name="recserve_drift_psi", kind=self.pb.MetricFamily.GAUGE,
                                           description="population stability index of served rows against the "
