@@ -695,3 +695,16 @@ def test_docker_readme_says_it_cannot_run_here():
     assert "no Docker engine" in text
     assert "recserve export repository --flavor native" in text
     assert "docker compose -f docker/docker-compose.yml up" in text
+
+
+def test_bench_swap_refuses_an_unknown_mode_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(LOADTEST / "bench_swap.py"), "--artifacts", str(tmp_path),
+                          "--modes", "explicit,push"], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == "bench_swap: --modes takes explicit and poll, got push"
+
+
+def test_every_benchmark_in_loadtest_is_listed_in_its_readme():
+    listed = (LOADTEST / "README.md").read_text()
+    missing = [p.name for p in sorted(LOADTEST.glob("*.py")) if f"`{p.name}`" not in listed]
+    assert not missing, f"loadtest/README.md does not list {missing}"
