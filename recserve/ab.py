@@ -12,8 +12,10 @@ forwards the other arm's users to their version (recserve/serving/steps/fused.py
 `recserve ab stop`, a deploy or a rollback end the split.
 
 `recserve ab report --events LOG` reads the event log the client writes (`recserve.events`) and compares the
-arms by the version that answered: click-through per impression with a 95% (Wilson) interval, a two-proportion
-z-test, and clicks weighted by position (a DCG-style reward: a click at rank r counts 1 / log2(r + 1)).
+arms by the version that answered: click-through (the share of impressions with a click) with a 95% (Wilson)
+interval and a two-proportion z-test, and clicks weighted by position (a DCG-style reward: a click at rank r
+counts 1 / log2(r + 1)); the differences between the arms get 95% intervals from a bootstrap over users, the
+unit the split assigns (one user's impressions are not independent, and the z-test takes them as if they were).
 """
 
 from __future__ import annotations
@@ -90,52 +92,109 @@ def _interval(clicks: int, n: int) -> tuple[float, float]:
     return (centre - half, centre + half)
 
 
-def report(events: Path) -> dict:
-    """Per model version (the arms of a split are versions): impressions, clicks, CTR with its 95% interval,
-    DCG-style reward per impression; with two versions, the later-named against the first."""
+BOOTSTRAP = 1000     # resamples of the users for the bootstrap intervals
+
+
+def _bootstrap(users: dict[str, list[float]], resamples: int, rng) -> tuple:
+    """(CTR, reward per impression) of `resamples` Poisson-bootstrap resamples of the users (arrays)."""
+    import numpy as np
+
+    n, clicked, reward = (np.array(users[k], np.float64) for k in ("impressions", "clicked", "reward"))
+    ctr, rew = np.empty(resamples), np.empty(resamples)
+    rows = max(1, min(resamples, 20_000_000 // max(1, len(n))))      # bounded memory at millions of users
+    for lo in range(0, resamples, rows):
+        w = rng.poisson(1.0, size=(min(rows, resamples - lo), len(n))).astype(np.float64)
+        shown = np.maximum(w @ n, 1.0)
+        ctr[lo:lo + len(w)], rew[lo:lo + len(w)] = (w @ clicked) / shown, (w @ reward) / shown
+    return ctr, rew
+
+
+def _percentiles(x) -> tuple[float, float]:
+    import numpy as np
+
+    return (float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))) if len(x) else (float("nan"),) * 2
+
+
+def report(events: Path, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Per model version (the arms of a split are versions): impressions, users, clicks, CTR (the share of
+    impressions with a click) with its 95% Wilson interval, and the DCG-style reward per impression with a 95%
+    bootstrap interval; with two versions, the later-named against the first: the differences with 95%
+    bootstrap intervals and the two-proportion z-test.
+
+    The bootstrap resamples users, the unit the split assigns: one user's impressions are not independent (the
+    same taste, the same arm all along), and a test that takes them as independent (the z-test, the Wilson
+    interval) is too sure of itself when users see many impressions. A repeated click on the same item of the
+    same impression counts once."""
+    import numpy as np
+
     from recserve.events import read_events
 
-    shown: dict[str, tuple[str, dict[int, int]]] = {}
-    per = defaultdict(lambda: {"impressions": 0, "clicks": 0, "reward": 0.0})
+    shown: dict[str, tuple[str, str, dict[int, int]]] = {}
+    per_impression: dict[str, list] = {}        # request id -> [clicked items, reward]
     skipped: list[int] = []
     for e in read_events(events, skipped):
         if e["type"] == "impression":
             version = str(e.get("version") or "?")
-            shown[e["request_id"]] = (version, {int(i): pos for pos, i in enumerate(e.get("items", []))})
-            per[version]["impressions"] += 1
+            shown[e["request_id"]] = (version, str(e.get("user", "")),
+                                      {int(i): pos for pos, i in enumerate(e.get("items", []))})
+            per_impression[e["request_id"]] = [set(), 0.0]
         elif e["type"] == "click" and e["request_id"] in shown:
-            version, positions = shown[e["request_id"]]
-            pos = positions.get(int(e.get("item", -1)))
-            if pos is not None:
-                per[version]["clicks"] += 1
-                per[version]["reward"] += 1.0 / math.log2(pos + 2)
-    arms = {}
-    for name in sorted(per, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)):
-        a, n = per[name], per[name]["impressions"]
-        arms[name] = {"impressions": n, "clicks": a["clicks"], "ctr": a["clicks"] / n if n else float("nan"),
-                      "ctr_95": _interval(a["clicks"], n),
-                      "reward_per_impression": a["reward"] / n if n else float("nan")}
-    out: dict = {"versions": arms, "skipped_lines": sum(skipped)}
+            _, _, positions = shown[e["request_id"]]
+            item = int(e.get("item", -1))
+            pos = positions.get(item)
+            got = per_impression[e["request_id"]]
+            if pos is not None and item not in got[0]:
+                got[0].add(item)
+                got[1] += 1.0 / math.log2(pos + 2)
+    # per version, per user: impressions, impressions with a click, reward
+    users: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for rid, (version, user, _) in shown.items():
+        items, reward = per_impression[rid]
+        row = users[version].setdefault(user, [0, 0, 0.0, 0])
+        row[0] += 1
+        row[1] += bool(items)
+        row[2] += reward
+        row[3] += len(items)
+    rng = np.random.default_rng(seed)
+    arms, draws = {}, {}
+    for name in sorted(users, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)):
+        rows = list(users[name].values())
+        cols = {"impressions": [r[0] for r in rows], "clicked": [r[1] for r in rows], "reward": [r[2] for r in rows]}
+        n, clicked, reward = sum(cols["impressions"]), sum(cols["clicked"]), sum(cols["reward"])
+        draws[name] = _bootstrap(cols, resamples, rng)
+        arms[name] = {"impressions": n, "users": len(rows), "clicks": sum(r[3] for r in rows),
+                      "clicked_impressions": clicked, "ctr": clicked / n, "ctr_95": _interval(clicked, n),
+                      "reward_per_impression": reward / n, "reward_95": _percentiles(draws[name][1])}
+    out: dict = {"versions": arms, "skipped_lines": sum(skipped), "bootstrap_resamples": resamples}
     if len(arms) == 2:
         (va, a), (vb, b) = arms.items()
-        pooled = (a["clicks"] + b["clicks"]) / (a["impressions"] + b["impressions"])
+        pooled = (a["clicked_impressions"] + b["clicked_impressions"]) / (a["impressions"] + b["impressions"])
         se = math.sqrt(pooled * (1 - pooled) * (1 / a["impressions"] + 1 / b["impressions"]))
         z = (b["ctr"] - a["ctr"]) / se if se > 0 else 0.0
-        out["comparison"] = {"a": va, "b": vb, "ctr_lift": b["ctr"] / a["ctr"] - 1 if a["ctr"] else float("nan"),
-                             "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+        out["comparison"] = {
+            "a": va, "b": vb, "ctr_lift": b["ctr"] / a["ctr"] - 1 if a["ctr"] else float("nan"),
+            "ctr_difference": b["ctr"] - a["ctr"], "ctr_difference_95": _percentiles(draws[vb][0] - draws[va][0]),
+            "reward_difference": b["reward_per_impression"] - a["reward_per_impression"],
+            "reward_difference_95": _percentiles(draws[vb][1] - draws[va][1]),
+            "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
     return out
 
 
 def format_report(r: dict) -> str:
-    lines = ["version  impressions  clicks  CTR     95% interval      reward/impression"]
+    lines = ["version  impressions    users  clicks  CTR     95% (Wilson)      reward/impression  95% (users)"]
     for name, a in r["versions"].items():
         lo, hi = a["ctr_95"]
-        lines.append(f"{name:<8} {a['impressions']:>11,} {a['clicks']:>7,}  {a['ctr']:.4f}  [{lo:.4f}, {hi:.4f}]  "
-                     f"{a['reward_per_impression']:.4f}")
+        rlo, rhi = a["reward_95"]
+        lines.append(f"{name:<8} {a['impressions']:>11,} {a['users']:>8,} {a['clicks']:>7,}  {a['ctr']:.4f}  "
+                     f"[{lo:.4f}, {hi:.4f}]  {a['reward_per_impression']:.4f}             [{rlo:.4f}, {rhi:.4f}]")
     if "comparison" in r:
         c = r["comparison"]
-        lines.append(f"version {c['b']} against {c['a']}: CTR {c['ctr_lift']:+.1%}, z = {c['z']:.2f}, "
-                     f"two-sided p = {c['p_value']:.4f} (two-proportion z-test)")
+        (clo, chi), (rlo, rhi) = c["ctr_difference_95"], c["reward_difference_95"]
+        lines.append(f"version {c['b']} against {c['a']}: CTR {c['ctr_lift']:+.1%} ({c['ctr_difference']:+.4f}, "
+                     f"95% [{clo:+.4f}, {chi:+.4f}]), reward/impression {c['reward_difference']:+.4f} "
+                     f"(95% [{rlo:+.4f}, {rhi:+.4f}])")
+        lines.append(f"  two-proportion z-test: z = {c['z']:.2f}, two-sided p = {c['p_value']:.4f} (takes impressions "
+                     f"as independent; the intervals resample users, {r['bootstrap_resamples']:,} times)")
     if r["skipped_lines"]:
         lines.append(f"{r['skipped_lines']} line(s) of the log were not whole events and were skipped")
     return "\n".join(lines)

@@ -451,7 +451,8 @@ def ab_report(
     events: Path = typer.Option(..., "--events", help="The event log RecClient(event_log=...) writes."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Click-through per version (arm), with 95% intervals and a two-proportion z-test."""
+    """Click-through and rank-weighted reward per version (arm): 95% intervals (a bootstrap over users for the
+    differences) and a two-proportion z-test."""
     import json as json_
 
     from recserve.ab import format_report, report

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from recserve.ab import arm, report
+from recserve.ab import arm, format_report, report
 from recserve.errors import ClientError
 from recserve.events import EventLog, log_files, read_events
 
@@ -75,7 +75,61 @@ def test_the_report_does_not_call_noise_a_difference(tmp_path):
     p_values = []
     for seed in range(20):
         _simulate(tmp_path / f"e{seed}.jsonl", {"1": 0.1, "2": 0.1}, 4000, seed)
-        p_values.append(report(tmp_path / f"e{seed}.jsonl")["comparison"]["p_value"])
+        p_values.append(report(tmp_path / f"e{seed}.jsonl", resamples=200)["comparison"]["p_value"])
     assert sum(p < 0.05 for p in p_values) <= 3, p_values          # about 1 in 20 by chance
     assert all(0 <= p <= 1 and not math.isnan(p) for p in p_values)
     assert json.dumps(report(tmp_path / "e0.jsonl"))                  # the --json output is plain JSON
+
+
+def _simulate_users(path, means: dict[str, float], users: int, per_user: int, seed: int) -> None:
+    """`users` users per version, each with `per_user` impressions and a click-through of their own
+    (Beta-distributed around the version's mean): clicks cluster by user, as on live traffic."""
+    rng = np.random.default_rng(seed)
+    log = EventLog(path)
+    q = 0
+    for u in range(2 * users):
+        version = "1" if u % 2 else "2"
+        m = means[version]
+        p = rng.beta(m * 5, (1 - m) * 5)
+        for _ in range(per_user):
+            log.write({"type": "impression", "request_id": f"q{q}", "user": u, "items": [10, 11, 12],
+                       "version": version})
+            if rng.random() < p:
+                log.write({"type": "click", "request_id": f"q{q}", "user": u, "item": 10, "version": version})
+            q += 1
+    log.close()
+
+
+def test_with_clicks_clustered_by_user_the_user_bootstrap_keeps_its_error_rate_where_the_z_test_does_not(tmp_path):
+    z_says, bootstrap_says = 0, 0
+    for seed in range(20):
+        _simulate_users(tmp_path / f"e{seed}.jsonl", {"1": 0.1, "2": 0.1}, 100, 40, seed)
+        c = report(tmp_path / f"e{seed}.jsonl", resamples=500)["comparison"]
+        z_says += c["p_value"] < 0.05
+        lo, hi = c["ctr_difference_95"]
+        bootstrap_says += not lo < 0 < hi
+    assert bootstrap_says <= 3, "equal arms: a 95% interval excludes 0 about 1 time in 20"
+    assert z_says >= bootstrap_says + 4, (z_says, bootstrap_says)     # 8 of 20 with these seeds
+
+
+def test_the_bootstrap_interval_of_a_real_difference_excludes_zero_and_holds_the_truth(tmp_path):
+    _simulate_users(tmp_path / "e.jsonl", {"1": 0.10, "2": 0.14}, 300, 40, 1)
+    r = report(tmp_path / "e.jsonl")
+    assert r["versions"]["1"]["users"] == r["versions"]["2"]["users"] == 300
+    c = r["comparison"]
+    for name in ("ctr_difference_95", "reward_difference_95"):
+        lo, hi = c[name]
+        assert 0 < lo < 0.04 < hi, (name, c[name])
+    assert "resample users" in format_report(r)
+
+
+def test_a_repeated_click_counts_once_and_a_second_item_adds_its_rank_reward(tmp_path):
+    log = EventLog(tmp_path / "e.jsonl")
+    log.write({"type": "impression", "request_id": "a", "user": 1, "items": [7, 8, 9], "version": "1"})
+    for item in (7, 7, 9):
+        log.write({"type": "click", "request_id": "a", "user": 1, "item": item, "version": "1"})
+    log.write({"type": "impression", "request_id": "b", "user": 1, "items": [7, 8, 9], "version": "1"})
+    log.close()
+    v = report(tmp_path / "e.jsonl", resamples=50)["versions"]["1"]
+    assert (v["impressions"], v["users"], v["clicks"], v["clicked_impressions"]) == (2, 1, 2, 1)
+    assert v["ctr"] == 0.5 and v["reward_per_impression"] == pytest.approx((1 + 1 / math.log2(4)) / 2)
