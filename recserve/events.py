@@ -1,7 +1,8 @@
 """The event log of the feedback loop: impressions and clicks, appended as JSON lines, rotated by size.
 
-`RecClient(event_log=PATH)` appends one `impression` per answered `recommend` (request id, user, items in
-order, their propensities when exploring, source, model version) and `RecClient.click(rec, item)` one `click`.
+`RecClient(event_log=PATH)` appends one `impression` per answered `recommend` (time, request id, user, items in
+order, their propensities when exploring, source, model version, and the arm while an A/B split runs) and
+`RecClient.click(rec, item)` one `click` (time, request id, user, item, its position in the answer, version).
 A file past `max_bytes` is renamed `PATH.1` (`PATH.1` to `PATH.2`, ...; at most `keep` old files) and a new one
 begun. `read_events` reads them oldest first; a torn last line (a crash in the middle of a write) is skipped
 and counted, never fatal. `recserve ab report` reads this log.

@@ -589,7 +589,7 @@ class RecClient:
             if mode == "ensemble":
                 inputs.update(options)
                 wanted = RESPONSE + (OPTION_RESPONSE if self._has_options() else ())
-                arm_version = self._arm_version(int(user_id))
+                arm_name, arm_version = self._arm(int(user_id))
                 out = self._transport.infer(spec.ENSEMBLE, inputs, wanted,
                                             **({"version": arm_version} if arm_version else {}))
             else:
@@ -619,6 +619,7 @@ class RecClient:
         if self.events is not None:
             self.events.write({"type": "impression", "request_id": rec.request_id, "user": rec.user,
                                "items": rec.item_ids, "source": source, "version": version,
+                               **({"arm": arm_name} if mode == "ensemble" and arm_name else {}),
                                **({"propensities": [it.propensity for it in items]} if exploring else {})})
         if self.cache_ttl and not exploring:
             self._cache[key] = (time.monotonic() + self.cache_ttl, rec)
@@ -632,7 +633,7 @@ class RecClient:
             raise ClientError(f"item {item_id} was not in recommendation {rec.request_id or '(unlogged)'}: "
                               f"it showed {rec.item_ids}")
         self.events.write({"type": "click", "request_id": rec.request_id, "user": rec.user, "item": int(item_id),
-                           "version": rec.version})
+                           "position": rec.item_ids.index(int(item_id)), "version": rec.version})
 
     def _has_options(self) -> bool:
         """Whether the served `recommend` answers `source` / `propensity` (the embedded flavor; cached)."""
@@ -648,14 +649,18 @@ class RecClient:
             self._config = (now, self._transport.model_config(spec.ENSEMBLE))
         return self._config[1]
 
-    def _arm_version(self, user_id: int) -> str:
-        """The version of the user's arm while an A/B split runs (`recserve ab start` writes it into recommend's
-        config as `recserve_ab`), asked for by name, so no server-side forwarding is needed; else ""."""
-        from recserve.serving.split import read_split, version_of
+    def _arm(self, user_id: int) -> tuple[str, str]:
+        """(arm, version) of the user while an A/B split runs (`recserve ab start` writes it into recommend's
+        config as `recserve_ab`); the version is asked for by name, so no server-side forwarding is needed.
+        ("", "") without a split."""
+        from recserve.serving.split import arm, read_split
 
         params = self._recommend_config().get("parameters", {})
         split = read_split({k: v.get("string_value", "") for k, v in params.items()})
-        return str(version_of(split, user_id)) if split else ""
+        if not split:
+            return "", ""
+        name = arm(user_id, float(split["share"]), str(split["salt"]))
+        return name, str(split[name])
 
     def _from_fallback(self, user_id: int, k: int, mode: str) -> Recommendation:
         self.fallbacks += 1

@@ -166,6 +166,12 @@ def test_an_ab_split_sends_each_user_to_the_arm_its_salted_hash_names_and_the_re
     assert {_plain_grpc(server, u, pin=True)[0] for u in users} == {"2"}     # pinned: served where it landed
     assert _plain_grpc(server, users[0], version="1")[0] == "1"            # the older arm never forwards
     assert _metric(server, "recserve_ab_forwarded_total") >= 1    # counted (an instance hands on its counts in batches)
+    from recserve.events import read_events
+
+    events = list(read_events(log))
+    impressions = [e for e in events if e["type"] == "impression"]
+    assert [(e["user"], e["arm"]) for e in impressions] == [(u, ab.arm(u, 0.5, "test")) for u in users]
+    assert {e["position"] for e in events if e["type"] == "click"} == {0}      # each click was the first item
     report = ab.report(log)
     shown = {v: sum(1 for _, ver in want.values() if ver == v) for v in ("1", "2")}
     assert {v: a["impressions"] for v, a in report["versions"].items()} == shown
