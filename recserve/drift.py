@@ -2,8 +2,9 @@
 
 Two signals, per personalized row: `score`, the best item's ranker score, and `query_norm`, the norm of the
 user's retrieval query (the blend vector: towers, ALS, popularity; the tower's own vector is unit length).
-The reference is what the same instance computes for a fixed sample of known users when it loads (the users
-and interactions it was exported with). Its deciles are the bins. Served rows are counted with exponential
+The reference is what the served path computes for a fixed sample of known users (the users and interactions
+the version was exported with), written by the exporter beside `recommend`'s files (`drift_reference.npz`,
+recserve/serving/steps/fused.py `write_reference`). Its deciles are the bins. Served rows are counted with exponential
 forgetting (a window of about `window` rows), and
 
     PSI = sum over bins (p - q) * ln(p / q),   p served share, q reference share (both floored at 1e-4)

@@ -300,6 +300,12 @@ def write_repository(artifacts: Path, repository: Path, opts: RepoOptions | None
         }
         # every version's own manifest (`recserve deploy` adds versions; recserve/deploy.py)
         manifest["versions"] = {str(version): dict(manifest)}
+        if opts.flavor == "embedded" or opts.native_recommend == "python":
+            # the drift reference of the served path itself (LocalPipeline reads the manifest), before the hashes
+            from recserve.serving.steps.fused import write_reference
+
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            write_reference(tmp, version)
         manifest.update({
             "sha256": repository_hashes(tmp),
             "code_sha256": code_hashes(),     # what `recserve serve` verifies before starting (recserve/integrity.py)

@@ -1,6 +1,7 @@
 """The embedded `recommend` model's load (recserve/serving/steps/fused.py), in process with a stand-in for
-Triton's python-backend module: a load onto busy cores still computes its drift reference from the ranker's own
-scores, and monitoring that cannot start never keeps a version from serving."""
+Triton's python-backend module: the drift reference the exporter writes is the one a load would compute; a
+load that computes it (an older repository) on busy cores takes it from the ranker's own scores; and monitoring
+that cannot start never keeps a version from serving."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def repository(tiny_artifacts, tmp_path_factory):
     return repo
 
 
+@pytest.fixture(scope="module")
+def older_repository(repository, tmp_path_factory):
+    """The repository as written before the exporter wrote the drift reference: a load computes it."""
+    import shutil
+
+    from recserve.serving.steps.fused import REFERENCE_FILE
+
+    older = tmp_path_factory.mktemp("recommend_load_older") / "repo"
+    shutil.copytree(repository, older)
+    (older / "recommend" / "1" / REFERENCE_FILE).unlink()
+    return older
+
+
 def _load(repository):
     from recserve.serving.steps.fused import TritonPythonModel
 
@@ -94,8 +108,8 @@ def ranker_past_its_timeout(monkeypatch):
 
 
 def test_a_load_on_busy_cores_takes_its_drift_reference_from_the_rankers_own_scores(
-        backend, repository, ranker_past_its_timeout):
-    model = _load(repository)       # with the serving timeout during the load, this raised: no personalized rows
+        backend, older_repository, ranker_past_its_timeout):
+    model = _load(older_repository)   # with the serving timeout during the load, this raised: no personalized rows
     assert set(model.drift) == {"score", "query_norm"} and len(model.drift["score"].edges) >= 5
     assert not _series("recserve_fallbacks_total"), "the load's own requests are not counted as fallbacks"
     assert model.pipeline.ranker_timeout == pytest.approx(0.25), "requests are served with the timeout again"
@@ -129,3 +143,17 @@ def test_a_drift_reference_that_cannot_be_computed_leaves_the_version_serving_wi
     counted = {m.labels["le"]: m.value for m in _series("recserve_candidates_bucket")}
     assert counted["+Inf"] == 3, counted
     assert {m.labels["le"]: m.value for m in _series("recserve_score_bucket")} == {"+Inf": 3.0}
+
+
+def test_the_exported_drift_reference_is_what_a_load_would_compute_and_an_older_repository_still_loads(
+        backend, repository, older_repository):
+    from recserve.serving.steps.fused import REFERENCE_FILE
+
+    with np.load(repository / "recommend" / "1" / REFERENCE_FILE) as z:
+        reference = {name: z[name] for name in z.files}
+    assert set(reference) == {"score", "query_norm"} and len(reference["score"]) >= 10
+    computed = _load(older_repository).drift
+    read = _load(repository).drift
+    for name in reference:
+        assert np.allclose(read[name].edges, computed[name].edges, rtol=1e-5), name
+        assert np.array_equal(read[name].reference, computed[name].reference), name
