@@ -128,7 +128,8 @@ def main() -> None:
           f"{'swap p99 ms':>14}")
     for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
-        rng = lambda key: f"{min(r[key] for r in mine):g}-{max(r[key] for r in mine):g}"  # noqa: E731
+        def rng(key: str, mine=mine) -> str:
+            return f"{min(r[key] for r in mine):g}-{max(r[key] for r in mine):g}"
         print(f"{mode:<9} {len(mine):>6} {sum(r['failed'] for r in mine):>6} "
               f"{sum(r['old_after_switch'] for r in mine):>9} {rng('switch_s'):>12} {rng('ratio'):>12} "
               f"{rng('swap_p99_ms'):>14}")

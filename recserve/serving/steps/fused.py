@@ -187,7 +187,8 @@ class TritonPythonModel(BatchedModel):
         try:
             family = self.pb.MetricFamily(name="recserve_drift_psi", kind=self.pb.MetricFamily.GAUGE,
                                           description="population stability index of served rows against the "
-                                                      "reference exported with the version, by signal (score, query_norm)")
+                                                      "reference exported with the version, by signal "
+                                                      "(score, query_norm)")
             labels = {"version": self.version, "model_instance": self.instance}   # "instance" is the scrape's
             self._drift_family = family          # a family must outlive its metrics (the backend says so)
             self._drift_gauges = {name: family.Metric(labels={"signal": name, **labels}) for name in self.drift}
