@@ -95,11 +95,12 @@ def _interval(clicks: int, n: int) -> tuple[float, float]:
 BOOTSTRAP = 1000     # resamples of the users for the bootstrap intervals
 
 
-def _bootstrap(users: dict[str, list[float]], resamples: int, rng) -> tuple:
-    """(CTR, reward per impression) of `resamples` Poisson-bootstrap resamples of the users (arrays)."""
+def _bootstrap(per_user, resamples: int, rng) -> tuple:
+    """(CTR, reward per impression) of `resamples` Poisson-bootstrap resamples of the users; `per_user` has a row
+    per user: impressions, impressions with a click, reward."""
     import numpy as np
 
-    n, clicked, reward = (np.array(users[k], np.float64) for k in ("impressions", "clicked", "reward"))
+    n, clicked, reward = per_user[:, 0], per_user[:, 1], per_user[:, 2]
     ctr, rew = np.empty(resamples), np.empty(resamples)
     rows = max(1, min(resamples, 20_000_000 // max(1, len(n))))      # bounded memory at millions of users
     for lo in range(0, resamples, rows):
@@ -146,7 +147,7 @@ def report(events: Path, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
             if pos is not None and item not in got[0]:
                 got[0].add(item)
                 got[1] += 1.0 / math.log2(pos + 2)
-    # per version, per user: impressions, impressions with a click, reward
+    # per version, per user: impressions, impressions with a click, reward, clicks
     users: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for rid, (version, user, _) in shown.items():
         items, reward = per_impression[rid]
@@ -158,13 +159,13 @@ def report(events: Path, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     arms, draws = {}, {}
     for name in sorted(users, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)):
-        rows = list(users[name].values())
-        cols = {"impressions": [r[0] for r in rows], "clicked": [r[1] for r in rows], "reward": [r[2] for r in rows]}
-        n, clicked, reward = sum(cols["impressions"]), sum(cols["clicked"]), sum(cols["reward"])
-        draws[name] = _bootstrap(cols, resamples, rng)
-        arms[name] = {"impressions": n, "users": len(rows), "clicks": sum(r[3] for r in rows),
+        per_user = np.array(list(users[name].values()), np.float64)
+        n, clicked, reward, clicks = per_user.sum(axis=0)
+        n, clicked, clicks = int(n), int(clicked), int(clicks)
+        draws[name] = _bootstrap(per_user, resamples, rng)
+        arms[name] = {"impressions": n, "users": len(per_user), "clicks": clicks,
                       "clicked_impressions": clicked, "ctr": clicked / n, "ctr_95": _interval(clicked, n),
-                      "reward_per_impression": reward / n, "reward_95": _percentiles(draws[name][1])}
+                      "reward_per_impression": float(reward) / n, "reward_95": _percentiles(draws[name][1])}
     out: dict = {"versions": arms, "skipped_lines": sum(skipped), "bootstrap_resamples": resamples}
     if len(arms) == 2:
         (va, a), (vb, b) = arms.items()

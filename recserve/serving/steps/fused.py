@@ -34,10 +34,16 @@ from recserve.serving.split import PIN, read_split, version_of
 from recserve.serving.steps.base import BatchedModel, log
 from recserve.serving.steps.retrieval import check_item_tower, check_request
 
-DRIFT_USERS = 256      # known users whose signals are the drift reference, computed at load
+DRIFT_USERS = 256      # known users whose signals are the drift reference, computed at export
 DRIFT_EVERY_S = 1.0
 FLUSH_S = 0.5          # counts reach Triton's /metrics at most this long after the request that follows them
 REFERENCE_FILE = "drift_reference.npz"    # recommend/V/: the drift reference, computed at export
+
+
+def check(pipeline: LocalPipeline, inputs: dict[str, np.ndarray]) -> None:
+    """A request as `recommend` takes it: checked (RequestError names a bad value), its rows' options parsed."""
+    check_request(inputs, pipeline.retriever.user_ids, pipeline.k_max, allow_unknown=True)
+    inputs[OPTIONS_KEY] = [pipeline.options(inputs, row) for row in range(len(inputs["user_id"]))]
 
 
 def served_signals(pipeline: LocalPipeline, batches: list[dict[str, np.ndarray]],
@@ -70,8 +76,7 @@ def reference_signals(pipeline: LocalPipeline, users: int = DRIFT_USERS) -> dict
     seen: dict[str, list[np.ndarray]] = {"score": [], "query_norm": []}
     for part in np.array_split(pick, max(1, len(pick) // 64)):
         request = {"user_id": known[part].reshape(-1, 1).astype(np.int64), "k": np.ones((len(part), 1), np.int32)}
-        check_request(request, known, pipeline.k_max, allow_unknown=True)
-        request[OPTIONS_KEY] = [pipeline.options(request, row) for row in range(len(part))]
+        check(pipeline, request)
         for name, values in served_signals(pipeline, [request], pipeline.serve([request])).items():
             if name in seen:
                 seen[name].append(values)
@@ -177,7 +182,6 @@ class TritonPythonModel(BatchedModel):
                 seen = {name: z[name] for name in z.files}
         else:
             seen = reference_signals(self.pipeline)
-        self._drift_gauges = {}
         try:
             self.drift = {name: Drift(v) for name, v in seen.items()}
         except ValueError as exc:      # monitoring never keeps a version from serving
@@ -302,8 +306,7 @@ class TritonPythonModel(BatchedModel):
         return pb.InferenceResponse(output_tensors=response.output_tensors())
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        check_request(inputs, self.pipeline.retriever.user_ids, self.pipeline.k_max, allow_unknown=True)
-        inputs[OPTIONS_KEY] = [self.pipeline.options(inputs, row) for row in range(len(inputs["user_id"]))]
+        check(self.pipeline, inputs)
 
     def _run(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         outputs = self.pipeline.serve(batches)
